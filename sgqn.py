@@ -1,0 +1,702 @@
+"""SG-SAC: Soft Actor-Critic from pixels with saliency-guided Q-networks (SGQN).
+
+Bertoin, Zouitine, Zouitine, Rachelson. "Look where you look! Saliency-guided Q-networks for
+generalization in visual reinforcement learning", NeurIPS 2022.
+
+SAC learns from 84x84 pixels on the plain DeepMind Control scene; two saliency mechanisms make the
+critic look at the right pixels, so that it generalises zero-shot to the DMControl Generalization
+Benchmark scenes (color_easy, color_hard, video_easy, video_hard):
+  1. attribution: guided backpropagation of Q1 with respect to the observation; the saliency mask
+     keeps, per frame, the pixels whose attribution is at or above the rho-quantile;
+  2. consistency: Q on the full observation and Q on the masked observation should agree
+     (added to the critic loss with weight `consistency_coef`);
+  3. self-supervision: an attribution decoder on top of the critic's encoder predicts the mask from
+     an overlay-augmented observation (binary cross-entropy, every `aux_update_freq` steps).
+
+Usage:
+    python sgqn.py --env-id cartpole --rho 0.98          # train, evaluate on every DMC-GB mode
+    python sgqn.py --env-id walker-stand --rho 0.95 --consistency-coef 0 --aux-update-freq 0  # plain SAC
+    python sgqn.py --env-id cartpole --checkpoint runs/<run>/checkpoint.pt --eval-only
+    python sgqn.py --help
+
+Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
+  - Guided backprop runs once per step, before the critic step; its mask serves both the consistency
+    term and the auxiliary target (the authors recompute it after the critic step). The actor step
+    reuses the critic step's detached conv features of obs instead of encoding obs again. Both save
+    encoder passes; the features and mask come from weights one critic step older.
+  - Overlay images come from a pool loaded once onto the device (random flips per draw) instead of a
+    Places365 DataLoader with RandomResizedCrop; without --overlay-dir a procedural generator of
+    1/f-spectrum images stands in for Places365 (see README).
+  - The replay buffer stores each rendered frame once and rebuilds stacks by index (about 11 GB for
+    500k transitions instead of 60+ GB); the sampled batches are the same.
+  - Periodic evaluation uses `eval_episodes` (10) episodes per mode; the final evaluation uses
+    `final_eval_episodes` (100), as DMC-GB's published protocol (the authors use 30 throughout).
+"""
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import envs
+
+
+@dataclass
+class Args:
+    env_id: str = "cartpole"
+    """DMC task: a domain for its DMC-GB task (cartpole, walker, finger, ball_in_cup) or domain-task"""
+    rho: float = 0.98
+    """saliency quantile: the mask keeps pixels at or above it (0.98 cartpole/ball_in_cup, 0.95 walker/finger)"""
+    seed: int = 1
+    """seed of the agent and the training env (test envs use seed + 42, as DMC-GB)"""
+    total_timesteps: int = 500_000
+    """agent steps to train for (simulator frames = agent steps * action_repeat)"""
+    action_repeat: int = 4
+    """simulator steps per agent step (4 in the paper's main tables; 8 cartpole, 2 finger in its appendix)"""
+    frame_stack: int = 3
+    """consecutive RGB frames per observation"""
+    buffer_size: int = 500_000
+    """replay capacity, in frames (one frame per transition)"""
+    batch_size: int = 128
+    """transitions per gradient update"""
+    gamma: float = 0.99
+    """discount factor"""
+    learning_starts: int = 1000
+    """random-action seed steps; at this step as many updates as seed steps are run (authors' code)"""
+    actor_lr: float = 1e-3
+    """actor Adam learning rate (betas 0.9, 0.999)"""
+    critic_lr: float = 1e-3
+    """critic Adam learning rate (betas 0.9, 0.999)"""
+    alpha_lr: float = 1e-4
+    """temperature Adam learning rate (betas 0.5, 0.999)"""
+    init_temperature: float = 0.1
+    """initial entropy temperature alpha"""
+    aux_lr: float = 3e-4
+    """learning rate of the attribution predictor's Adam (decoder and shared encoder)"""
+    critic_tau: float = 0.01
+    """Polyak rate of the target Q heads"""
+    encoder_tau: float = 0.05
+    """Polyak rate of the target encoder (conv stack and critic projection)"""
+    actor_update_freq: int = 2
+    """actor, temperature and target updates every this many steps"""
+    consistency_coef: float = 0.5
+    """weight lambda of the consistency loss Q(s) vs Q(masked s); 0 turns it off"""
+    aux_update_freq: int = 2
+    """self-supervised attribution-prediction step every this many steps; 0 turns it off"""
+    shift_pad: int = 4
+    """random-shift augmentation padding (replicate), on obs and next_obs"""
+    overlay_alpha: float = 0.5
+    """overlay augmentation: (1 - alpha) * obs + alpha * image, for the auxiliary input"""
+    overlay_dir: str | None = None
+    """folder of JPEG/PNG images to overlay (Places365 reproduces the paper); none: procedural images"""
+    overlay_images: int = 10_000
+    """overlay images kept on the device (loaded once)"""
+    num_conv_layers: int = 11
+    """conv layers of the shared encoder"""
+    num_filters: int = 32
+    """filters per conv layer"""
+    projection_dim: int = 100
+    """size of the actor's and critic's projections"""
+    hidden_dim: int = 1024
+    """hidden units of the actor and Q heads"""
+    log_std_min: float = -10.0
+    """actor log-std lower bound"""
+    log_std_max: float = 2.0
+    """actor log-std upper bound"""
+    eval_freq: int = 10_000
+    """evaluate every this many agent steps"""
+    eval_episodes: int = 10
+    """episodes per mode in the periodic evaluations"""
+    final_eval_episodes: int = 100
+    """episodes per mode in the final evaluation (DMC-GB protocol)"""
+    eval_modes: tuple[str, ...] = envs.MODES
+    """scenes to evaluate on"""
+    data_dir: str | None = None
+    """DMC-GB data folder (default: $DMCGB_DATA_DIR, then a per-user cache; downloaded if missing)"""
+    output_dir: str = "runs"
+    """parent folder of the run folder"""
+    cuda: bool = True
+    """use CUDA when available"""
+    capture_video: bool = False
+    """save an MP4 of one evaluation episode per mode beside the predicted saliency"""
+    checkpoint: str | None = None
+    """checkpoint to load (with --eval-only: evaluate it; otherwise it initialises the networks)"""
+    eval_only: bool = False
+    """only evaluate --checkpoint on every eval mode with final_eval_episodes episodes"""
+
+
+# ---------------------------------------------------------------- augmentations
+def random_shift(x, pad):
+    """Shift each image by up to `pad` pixels with replicate padding, as DrQ. x: (B, C, H, W), any dtype.
+    Replicate padding then cropping equals clamping the source indices, so no padded copy is made."""
+    b, _, h, w = x.shape
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device) - pad
+    rows = (dy + torch.arange(h, device=x.device)).clamp(0, h - 1)[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(w, device=x.device)).clamp(0, w - 1)[:, None, :]  # (B, 1, W)
+    return x[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def random_overlay(x, images, alpha):
+    """(1 - alpha) * x + alpha * image, one random image per sample, repeated over its frames.
+    x: (B, 3k, H, W) float in [0, 255]; images: (N, 3, H, W) uint8."""
+    picked = images[torch.randint(len(images), (len(x),), device=x.device)]  # (B, 3, H, W)
+    flip = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+    picked = torch.where(flip, picked.flip(-1), picked).float()
+    return (1 - alpha) * x + alpha * picked.repeat(1, x.shape[1] // 3, 1, 1)
+
+
+def procedural_images(n, size, generator):
+    """Images whose amplitude spectrum falls as 1/f, like natural photographs, with random colours.
+    A stand-in for Places365 when no image folder is given. Returns (n, 3, size, size) uint8."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    inv_f = 1 / torch.sqrt(fx**2 + fy**2).clamp(min=1 / size)
+    chunks = []
+    for start in range(0, n, 512):  # bounded memory
+        m = min(512, n - start)
+        noise = torch.randn(m, 3, size, size // 2 + 1, 2, generator=generator)
+        img = torch.fft.irfft2(torch.view_as_complex(noise) * inv_f, s=(size, size))
+        img = torch.einsum("nij,njhw->nihw", torch.rand(m, 3, 3, generator=generator), img)  # colours
+        lo, hi = img.amin((1, 2, 3), keepdim=True), img.amax((1, 2, 3), keepdim=True)
+        chunks.append(((img - lo) / (hi - lo) * 255).to(torch.uint8))
+    return torch.cat(chunks)
+
+
+def load_images(folder, n, size, rng):
+    """Up to n JPEG/PNG images from folder (recursively), centre-cropped and resized: (n, 3, size, size) uint8."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise SystemExit(f"error: no JPEG/PNG images in --overlay-dir {folder}; give an image folder or leave it out")
+    images = []
+    for i in rng.permutation(len(paths))[:n]:
+        pixels = np.atleast_3d(iio.imread(paths[i]))
+        pixels = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # RGB(A) or grey(+alpha)
+        img = torch.from_numpy(pixels.copy()).permute(2, 0, 1).expand(3, -1, -1).float()
+        side = min(img.shape[1:])
+        top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
+        img = img[None, :, top : top + side, left : left + side]
+        images.append(F.interpolate(img, size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255))
+    return torch.cat(images).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- saliency
+@contextlib.contextmanager
+def guided_relus(critic):
+    """Guided backpropagation: while active, each forward through one of the critic's nn.ReLU modules hooks
+    its output so that the gradient arriving there is clamped at 0; the ReLU then passes back max(grad, 0)
+    where its input was positive, as captum's GuidedBackprop (the authors' tool). On exit every hook is
+    removed, so a later backward through the same graph (the critic loss) gets ordinary gradients."""
+    gradient_hooks = []
+
+    def hook_output(module, inputs, output):
+        gradient_hooks.append(output.register_hook(lambda grad: grad.clamp(min=0)))
+
+    forward_hooks = [m.register_forward_hook(hook_output) for m in critic.modules() if isinstance(m, nn.ReLU)]
+    try:
+        yield
+    finally:
+        for hook in forward_hooks + gradient_hooks:
+            hook.remove()
+
+
+def guided_backprop(critic, obs, action):
+    """Attribution of Q1(obs, action) w.r.t. obs (the raw 0-255 input) by guided backprop. Leaves no hook and
+    no parameter .grad. obs: (B, 9, 84, 84) float -> (B, 9, 84, 84)."""
+    obs = obs.detach().requires_grad_(True)
+    with guided_relus(critic):
+        q1 = critic.q1(torch.cat([critic.projection(critic.encoder(obs)), action], 1))  # Q2 is not needed
+        (attribution,) = torch.autograd.grad(q1.sum(), obs)  # samples do not interact: the sum is harmless
+    return attribution
+
+
+def saliency_mask(attribution, rho):
+    """Per sample and frame: 1 where max over RGB of |attribution| >= its rho-quantile over the frame's
+    pixels, repeated over the frame's 3 channels. (B, 3k, H, W) -> (B, 3k, H, W) float 0/1.
+    `>= torch.quantile(m, rho)` (linear interpolation between sorted values lo and hi = ceil(rho * (n - 1)))
+    keeps exactly the values >= sorted value hi, so one kthvalue gives the authors' mask, 6x faster than a sort."""
+    b, c, h, w = attribution.shape
+    per_frame = attribution.abs().view(b, c // 3, 3, h * w).amax(2)  # (B, k, H*W)
+    hi = math.ceil(rho * (h * w - 1))
+    threshold = per_frame.kthvalue(hi + 1, dim=2, keepdim=True).values  # (B, k, 1), kthvalue counts from 1
+    return (per_frame >= threshold).float().view(b, c // 3, 1, h, w).expand(b, c // 3, 3, h, w).reshape(b, c, h, w)
+
+
+def mask_observation(obs, mask):
+    """Keep the salient pixels; fill the others with one value drawn uniformly in [batch min, batch max]."""
+    lo, hi = obs.min(), obs.max()
+    fill = lo + torch.rand((), device=obs.device) * (hi - lo)
+    return obs * mask + fill * (1 - mask)
+
+
+# ---------------------------------------------------------------- networks
+def weight_init(m):
+    """Orthogonal Linear; delta-orthogonal conv (only the centre tap, relu gain); zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+        mid = m.weight.shape[2] // 2
+        nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+    )
+
+
+def projection(in_dim, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.Tanh())
+
+
+class Encoder(nn.Module):
+    """Shared conv stack: (B, 9, 84, 84) in [0, 255] -> (B, 32 * 21 * 21). No ReLU after the last conv."""
+
+    def __init__(self, obs_shape, num_layers, num_filters):
+        super().__init__()
+        layers = [nn.Conv2d(obs_shape[0], num_filters, 3, stride=2)]
+        for _ in range(num_layers - 1):
+            layers += [nn.ReLU(), nn.Conv2d(num_filters, num_filters, 3, stride=1)]
+        self.convs = nn.Sequential(*layers)
+        self.apply(weight_init)
+        with torch.no_grad():
+            self.out_shape = tuple(self.convs(torch.zeros(1, *obs_shape)).shape[1:])  # (32, 21, 21)
+        self.out_dim = math.prod(self.out_shape)
+
+    def forward(self, obs):
+        return self.convs(obs / 255.0).flatten(1)
+
+
+class Critic(nn.Module):
+    """Double Q on [projection(encoder(obs)), action]. The encoder is shared with the actor."""
+
+    def __init__(self, encoder, action_dim, projection_dim, hidden_dim):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = projection(encoder.out_dim, projection_dim)
+        self.q1 = mlp(projection_dim + action_dim, hidden_dim, 1)
+        self.q2 = mlp(projection_dim + action_dim, hidden_dim, 1)
+        for module in (self.projection, self.q1, self.q2):
+            module.apply(weight_init)
+
+    def heads(self, features, action):
+        """Q1, Q2 from conv features (B, 14112) and action (B, A)."""
+        x = torch.cat([self.projection(features), action], 1)
+        return self.q1(x), self.q2(x)
+
+    def forward(self, obs, action):
+        return self.heads(self.encoder(obs), action)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy on the shared conv features (detached: the actor loss never trains the convs)."""
+
+    def __init__(self, features_dim, action_dim, projection_dim, hidden_dim, log_std_min, log_std_max):
+        super().__init__()
+        self.projection = projection(features_dim, projection_dim)
+        self.trunk = mlp(projection_dim, hidden_dim, 2 * action_dim)
+        self.apply(weight_init)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, features):
+        """-> tanh(mean) (B, A), sampled action (B, A), its log-probability (B, 1)."""
+        mean, log_std = self.trunk(self.projection(features.detach())).chunk(2, dim=-1)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
+        noise = torch.randn_like(mean)
+        pi = mean + noise * log_std.exp()
+        log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True) - 0.5 * math.log(2 * math.pi) * noise.shape[-1]
+        pi = torch.tanh(pi)
+        log_prob = log_prob - torch.log(F.relu(1 - pi.pow(2)) + 1e-6).sum(-1, keepdim=True)  # tanh change of variables
+        return torch.tanh(mean), pi, log_prob
+
+
+def upsample_conv(x, conv):
+    """conv(nearest_upsample_x2(x)) for a 3x3 conv with padding 1, computed at the low resolution: each of
+    the 4 output phases (row and column parity) sees only 2x2 low-res pixels, so it is a 2x2 conv whose taps
+    are sums of the 3x3 taps. Same parameters and result (up to float rounding), 2.25x fewer multiply-adds."""
+    b, _, h, w = x.shape
+    # fold[phase, tap2, tap3]: which of the 3 taps fall on each of the 2 low-res rows, for an even / odd row
+    fold = x.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
+    kernels = torch.einsum("pak,oikl,qbl->opqiab", fold, conv.weight, fold).flatten(0, 2)  # (O*4, I, 2, 2)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels).view(b, -1, 2, 2, h + 1, w + 1)  # (B, O, 2, 2, H+1, W+1)
+    phases = [torch.stack([y[:, :, p, q, p : p + h, q : q + w] for q in (0, 1)], -1) for p in (0, 1)]
+    return torch.stack(phases, 3).reshape(b, -1, 2 * h, 2 * w) + conv.bias[:, None, None]  # (B, O, 2H, 2W)
+
+
+class AttributionDecoder(nn.Module):
+    """Predicts saliency-mask logits (B, 9, 84, 84) from [critic projection, action]: linear to the encoder's
+    (32, 21, 21), conv 128, upsample x2, conv 64, upsample x2, conv 9 (ReLU between). Default PyTorch init,
+    as in the authors' code."""
+
+    def __init__(self, encoder_shape, obs_shape, action_dim, projection_dim):
+        super().__init__()
+        obs_channels, obs_size = obs_shape[0], obs_shape[-1]
+        if 4 * encoder_shape[-1] != obs_size:
+            raise ValueError(f"the attribution decoder upsamples x4, so the encoder must output a {obs_size // 4}x{obs_size // 4} "
+                             f"map, not {encoder_shape[-1]}x{encoder_shape[-1]}: keep --num-conv-layers 11 at 84x84")
+        self.encoder_shape = encoder_shape  # (32, 21, 21)
+        self.linear = nn.Linear(projection_dim + action_dim, math.prod(encoder_shape))
+        self.conv1 = nn.Conv2d(encoder_shape[0], 128, 3, padding=1)
+        self.conv2 = nn.Conv2d(128, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, obs_channels, 3, padding=1)
+
+    def forward(self, projected, action):
+        x = F.relu(self.linear(torch.cat([projected, action], 1)).view(-1, *self.encoder_shape))  # (B, 32, 21, 21)
+        x = F.relu(self.conv1(x))  # (B, 128, 21, 21); ReLU and nearest upsampling commute
+        x = F.relu(upsample_conv(x, self.conv2))  # (B, 64, 42, 42)
+        return upsample_conv(x, self.conv3)  # (B, 9, 84, 84)
+
+
+# ---------------------------------------------------------------- replay buffer
+class ReplayBuffer:
+    """Stores every rendered frame once, as uint8, in a ring; observation stacks are rebuilt by index.
+    Slot j holds frame t of an episode (t = 0 at reset) and, for t >= 1, the action and reward that led
+    to it: the transition (stack(t-1), a, r, stack(t)), where stack(t) = frames max(t-k+1, 0)..t."""
+
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack):
+        self.frames = np.empty((capacity, *frame_shape), np.uint8)  # (N, 3, 84, 84): 21 kB a frame
+        self.actions = np.empty((capacity, action_dim), np.float32)
+        self.rewards = np.empty(capacity, np.float32)
+        self.t = np.zeros(capacity, np.int64)  # frame index within its episode
+        self.capacity, self.frame_stack, self.next, self.size = capacity, frame_stack, 0, 0
+
+    def add(self, frame, action=None, reward=0.0, first=False):
+        """Add the newest frame: `first` at reset, else with the action and reward that led to it."""
+        j = self.next
+        self.frames[j] = frame
+        self.t[j] = 0 if first else self.t[j - 1] + 1
+        if not first:
+            self.actions[j], self.rewards[j] = action, reward
+        self.next, self.size = (j + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def _stack(self, j, t):
+        offsets = np.minimum(np.arange(self.frame_stack - 1, -1, -1), t[:, None])  # (B, k), oldest first
+        frames = self.frames[(j[:, None] - offsets) % self.capacity]  # (B, k, 3, 84, 84)
+        return frames.reshape(len(j), -1, *frames.shape[3:])  # (B, 3k, 84, 84)
+
+    def sample(self, batch_size, rng):
+        """-> obs, action, reward, next_obs as numpy; obs uint8 (B, 3k, 84, 84)."""
+        j = rng.integers(0, self.size, batch_size)
+        age = (self.next - 1 - j) % self.capacity
+        # a transition needs t >= 1 and all of its k+1 frames still in the ring
+        while (bad := (self.t[j] == 0) | (age + np.minimum(self.t[j], self.frame_stack) >= self.size)).any():
+            j[bad] = rng.integers(0, self.size, bad.sum())
+            age = (self.next - 1 - j) % self.capacity
+        t = self.t[j]
+        return self._stack((j - 1) % self.capacity, t - 1), self.actions[j], self.rewards[j], self._stack(j, t)
+
+
+# ---------------------------------------------------------------- evaluation
+def act(encoder, actor, obs, device, deterministic):
+    with torch.no_grad():
+        mean, pi, _ = actor(encoder(torch.as_tensor(obs, device=device).float()[None]))
+    return (mean if deterministic else pi)[0].cpu().numpy()
+
+
+def evaluate(env, encoder, actor, episodes, device, frames_out=None):
+    """Mean-action returns of `episodes` episodes; with frames_out (a list), the first episode's obs."""
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset()
+        total, done = 0.0, False
+        while not done:
+            if frames_out is not None and episode == 0:
+                frames_out.append(obs)
+            obs, reward, terminated, truncated, _ = env.step(act(encoder, actor, obs, device, deterministic=True))
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def saliency_picture(critic, decoder, actor, obs, rho):
+    """One row per frame: RGB | guided-backprop map | binary mask | predicted mask. obs: (9, 84, 84) uint8."""
+    x = torch.as_tensor(obs, device=critic.q1[0].weight.device).float()[None]
+    with torch.no_grad():
+        features = critic.encoder(x)
+        action = actor(features)[0]
+        predicted = torch.sigmoid(decoder(critic.projection(features), action))[0]  # (9, 84, 84)
+    attribution = guided_backprop(critic, x, action)
+    mask = saliency_mask(attribution, rho)[0]
+    per_frame = attribution[0].abs().view(-1, 3, *x.shape[2:]).amax(1)  # (k, 84, 84)
+    rows = []
+    for f in range(x.shape[1] // 3):
+        gray = [per_frame[f] / per_frame[f].max().clamp(min=1e-12), mask[3 * f], predicted[3 * f : 3 * f + 3].mean(0)]
+        tiles = [obs[3 * f : 3 * f + 3].transpose(1, 2, 0)]
+        tiles += [np.repeat((g.cpu().numpy() * 255).astype(np.uint8)[..., None], 3, 2) for g in gray]
+        rows.append(np.concatenate(tiles, 1))
+    return np.concatenate(rows, 0)
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class Agent:
+    critic: Critic  # owns the shared encoder (critic.encoder)
+    critic_target: Critic
+    actor: Actor
+    decoder: AttributionDecoder
+    log_alpha: torch.Tensor
+    critic_optimizer: torch.optim.Optimizer
+    actor_optimizer: torch.optim.Optimizer
+    alpha_optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer
+
+
+def make_agent(obs_shape, action_dim, args, device):
+    encoder = Encoder(obs_shape, args.num_conv_layers, args.num_filters).to(device)
+    critic = Critic(encoder, action_dim, args.projection_dim, args.hidden_dim).to(device)
+    actor = Actor(encoder.out_dim, action_dim, args.projection_dim, args.hidden_dim, args.log_std_min, args.log_std_max)
+    decoder = AttributionDecoder(encoder.out_shape, obs_shape, action_dim, args.projection_dim).to(device)
+    log_alpha = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    # the attribution predictor is the critic's encoder and projection + the decoder: its step trains them all
+    aux_parameters = [*encoder.parameters(), *critic.projection.parameters(), *decoder.parameters()]
+    return Agent(
+        critic=critic,
+        critic_target=copy.deepcopy(critic),  # with its own copy of the encoder
+        actor=actor.to(device),
+        decoder=decoder,
+        log_alpha=log_alpha,
+        critic_optimizer=torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999)),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=(0.9, 0.999)),
+        alpha_optimizer=torch.optim.Adam([log_alpha], lr=args.alpha_lr, betas=(0.5, 0.999)),
+        aux_optimizer=torch.optim.Adam(aux_parameters, lr=args.aux_lr, betas=(0.9, 0.999)),
+    )
+
+
+def save_checkpoint(agent, path, **extra):
+    state = {name: value.state_dict() for name, value in vars(agent).items() if name != "log_alpha"}
+    torch.save({**state, "log_alpha": agent.log_alpha.item(), **extra}, path)
+
+
+def load_checkpoint(agent, path, device):
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, value in vars(agent).items():
+        if name != "log_alpha":
+            value.load_state_dict(state[name])
+    agent.log_alpha.data.fill_(state["log_alpha"])
+
+
+def update(agent, batch, step, args, overlay):
+    """One SG-SAC gradient step on an augmented batch; returns its losses (tensors).
+    Encoder passes (B samples each): forward of obs, shared by the critic loss and guided backprop, and one
+    backward to the input for the attribution; forward of the masked obs; backward of both for the critic loss;
+    two forwards without gradient for the TD target (online encoder for the actor, target encoder); every
+    `aux_update_freq` steps a forward and backward of the overlaid obs. The actor reuses the critic's conv
+    features. That is 4 forwards (5 on aux steps) and 1 guided backward against the authors' 7 (9 on even
+    steps) and 2."""
+    obs, action, reward, next_obs = batch  # (B, 9, 84, 84) float, (B, A), (B, 1), (B, 9, 84, 84)
+    critic, actor, encoder, log_alpha = agent.critic, agent.actor, agent.critic.encoder, agent.log_alpha
+    aux_step = args.aux_update_freq > 0 and step % args.aux_update_freq == 0
+    losses = {}
+
+    # critic forward on obs, which also yields the guided-backprop attribution (the hooks shape only its backward)
+    need_saliency = args.consistency_coef > 0 or aux_step
+    with guided_relus(critic) if need_saliency else contextlib.nullcontext():
+        obs = obs.detach().requires_grad_(need_saliency)
+        features = encoder(obs)  # (B, 14112)
+        q1, q2 = critic.heads(features, action)
+        if need_saliency:
+            (attribution,) = torch.autograd.grad(q1.sum(), obs, retain_graph=True)
+            saliency = saliency_mask(attribution, args.rho)  # (B, 9, 84, 84) 0/1, also the aux target
+    obs = obs.detach()
+
+    # critic: TD loss + lambda * consistency between Q(s) and Q(masked s)
+    with torch.no_grad():
+        _, next_action, next_log_prob = actor(encoder(next_obs))
+        target_q1, target_q2 = agent.critic_target(next_obs, next_action)
+        # DMC episodes end only by the time limit, so the target always bootstraps
+        target_q = reward + args.gamma * (torch.min(target_q1, target_q2) - log_alpha.exp() * next_log_prob)
+    losses["consistency"] = torch.zeros((), device=obs.device)
+    if args.consistency_coef > 0:
+        masked_q1, masked_q2 = critic(mask_observation(obs, saliency), action)
+        losses["consistency"] = F.mse_loss(q1, masked_q1) + F.mse_loss(q2, masked_q2)  # Q(s) is not detached
+    losses["td"] = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+    critic_loss = losses["td"] + args.consistency_coef * losses["consistency"]
+    agent.critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward(inputs=list(critic.parameters()))  # no gradient for obs
+    agent.critic_optimizer.step()
+
+    if step % args.actor_update_freq == 0:
+        # actor and temperature, on the critic step's conv features (detached: the convs are not the actor's)
+        features = features.detach()
+        _, pi, log_prob = actor(features)
+        actor_q1, actor_q2 = critic.heads(features, pi)
+        losses["actor"] = (log_alpha.exp().detach() * log_prob - torch.min(actor_q1, actor_q2)).mean()
+        agent.actor_optimizer.zero_grad(set_to_none=True)
+        losses["actor"].backward(inputs=list(actor.parameters()))  # no gradient is computed for the critic
+        agent.actor_optimizer.step()
+        target_entropy = -pi.shape[1]  # -|A|
+        losses["alpha_loss"] = (log_alpha.exp() * (-log_prob - target_entropy).detach()).mean()
+        agent.alpha_optimizer.zero_grad(set_to_none=True)
+        losses["alpha_loss"].backward()
+        agent.alpha_optimizer.step()
+        losses["alpha"] = log_alpha.detach().exp()
+
+        # Polyak averaging, target = (1 - tau) * target + tau * online; the encoder includes the critic's projection
+        with torch.no_grad():
+            for name, tau in (("encoder", args.encoder_tau), ("projection", args.encoder_tau), ("q1", args.critic_tau), ("q2", args.critic_tau)):
+                online, target = getattr(critic, name), getattr(agent.critic_target, name)
+                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+    if aux_step:
+        # self-supervision: predict the saliency mask of obs from the overlay-augmented obs
+        overlaid = random_overlay(obs, overlay, args.overlay_alpha)
+        logits = agent.decoder(critic.projection(encoder(overlaid)), action)  # (B, 9, 84, 84)
+        losses["aux"] = F.binary_cross_entropy_with_logits(logits, saliency)
+        agent.aux_optimizer.zero_grad(set_to_none=True)
+        losses["aux"].backward()
+        agent.aux_optimizer.step()
+    return losses
+
+
+def make_run_dir(args):
+    name = f"{args.env_id}__rho{args.rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
+        try:
+            run_dir = Path(args.output_dir) / (name + suffix)
+            run_dir.mkdir(parents=True)  # fails if it exists: a run never overwrites another
+            return run_dir
+        except FileExistsError:
+            continue
+    raise SystemExit(f"error: could not create a fresh run folder under {args.output_dir}")
+
+
+def main(args):
+    if not 0 < args.rho < 1:
+        raise SystemExit(f"error: --rho must be in (0, 1), got {args.rho} (the paper uses 0.95 or 0.98)")
+    if args.eval_only and not args.checkpoint:
+        raise SystemExit("error: --eval-only needs --checkpoint PATH (a checkpoint.pt written by a training run)")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise SystemExit(f"error: --checkpoint {args.checkpoint} is not a file")
+    if args.overlay_dir and not Path(args.overlay_dir).is_dir():
+        raise SystemExit(f"error: --overlay-dir {args.overlay_dir} is not a folder; give a folder of JPEG/PNG images or leave it out")
+    if unknown := set(args.eval_modes) - set(envs.MODES):
+        raise SystemExit(f"error: unknown --eval-modes {sorted(unknown)}; choose from {' '.join(envs.MODES)}")
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    def make_env(mode, seed):
+        try:
+            return envs.make_env(args.env_id, seed, mode, args.action_repeat, args.frame_stack, data_dir=args.data_dir)
+        except (ValueError, OSError) as e:  # unknown task, missing data, no renderer: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
+
+    env = make_env("train", args.seed)
+    eval_envs = {mode: make_env(mode, args.seed + 42) for mode in args.eval_modes}
+    obs_shape, action_dim = env.observation_shape, env.action_shape[0]
+
+    try:
+        agent = make_agent(obs_shape, action_dim, args, device)
+    except ValueError as e:  # network sizes that do not fit together
+        raise SystemExit(f"error: {e}") from None
+    encoder, actor, critic, decoder = agent.critic.encoder, agent.actor, agent.critic, agent.decoder
+    if args.checkpoint:
+        load_checkpoint(agent, args.checkpoint, device)
+
+    run_dir = make_run_dir(args)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+
+    def log(**row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    def run_evaluation(step, episodes, final):
+        start, results = time.time(), {}
+        for mode, eval_env in eval_envs.items():
+            frames = []
+            returns = evaluate(eval_env, encoder, actor, episodes, device, frames_out=frames)
+            results[mode] = dict(mean=float(np.mean(returns)), std=float(np.std(returns)), episodes=len(returns))
+            log(step=step, mode=mode, eval_return=results[mode]["mean"], eval_std=results[mode]["std"], episodes=len(returns))
+            if final:
+                picture = saliency_picture(critic, decoder, actor, frames[min(15, len(frames) - 1)], args.rho)
+                iio.imwrite(run_dir / f"saliency_{mode}.png", picture.repeat(2, 0).repeat(2, 1))
+                if args.capture_video:
+                    clip = [saliency_picture(critic, decoder, actor, f, args.rho)[-84:] for f in frames]  # newest frame's row
+                    iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(2, 1).repeat(2, 2), fps=25)
+        seconds = time.time() - start
+        log(step=step, eval_seconds=seconds)
+        print(f"\nevaluation at step {step} ({seconds:.0f} s)\n{'mode':<12}{'mean':>9}{'std':>9}{'episodes':>10}")
+        for mode, r in results.items():
+            print(f"{mode:<12}{r['mean']:>9.1f}{r['std']:>9.1f}{r['episodes']:>10}")
+        return results, seconds
+
+    if args.eval_only:
+        results, _ = run_evaluation(0, args.final_eval_episodes, final=True)
+        (run_dir / "results.json").write_text(json.dumps(dict(checkpoint=args.checkpoint, results=results), indent=2))
+        print(f"results written to {run_dir}")
+        return run_dir
+
+    overlay = (
+        load_images(args.overlay_dir, args.overlay_images, obs_shape[-1], rng)
+        if args.overlay_dir
+        else procedural_images(args.overlay_images, obs_shape[-1], torch.Generator().manual_seed(args.seed))
+    ).to(device)
+    buffer = ReplayBuffer(args.buffer_size, (3, *obs_shape[1:]), action_dim, args.frame_stack)
+    print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
+
+    obs, _ = env.reset()
+    buffer.add(obs[-3:], first=True)
+    episode_return, start_time, eval_seconds, losses = 0.0, time.time(), 0.0, {}
+    for global_step in range(1, args.total_timesteps + 1):
+        if global_step <= args.learning_starts:
+            action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
+        else:
+            action = act(encoder, actor, obs, device, deterministic=False)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        buffer.add(obs[-3:], action, reward)
+        episode_return += reward
+
+        # after the seed steps, catch up with one update per collected step, then one update per step
+        updates = args.learning_starts if global_step == args.learning_starts else int(global_step > args.learning_starts)
+        for _ in range(updates):
+            b_obs, b_action, b_reward, b_next_obs = buffer.sample(args.batch_size, rng)
+            batch = (
+                random_shift(torch.as_tensor(b_obs, device=device), args.shift_pad).float(),  # (B, 9, 84, 84)
+                torch.as_tensor(b_action, device=device),  # (B, A)
+                torch.as_tensor(b_reward, device=device)[:, None],  # (B, 1)
+                random_shift(torch.as_tensor(b_next_obs, device=device), args.shift_pad).float(),
+            )
+            losses.update(update(agent, batch, global_step, args, overlay))
+
+        final = global_step == args.total_timesteps
+        evaluating = final or global_step % args.eval_freq == 0
+        if truncated or terminated or evaluating:
+            sps = global_step / max(time.time() - start_time - eval_seconds, 1e-9)
+            row = dict(step=global_step, frames=global_step * args.action_repeat, sps=sps, **{k: float(v) for k, v in losses.items()})
+            if truncated or terminated:
+                row["episodic_return"] = episode_return
+            log(**row)
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if truncated or terminated:
+            obs, _ = env.reset()
+            buffer.add(obs[-3:], first=True)
+            episode_return = 0.0
+
+        if evaluating:
+            save_checkpoint(agent, run_dir / "checkpoint.pt", step=global_step, args=asdict(args))
+            results, seconds = run_evaluation(global_step, args.final_eval_episodes if final else args.eval_episodes, final)
+            eval_seconds += seconds
+            log(step=global_step, eval_share=eval_seconds / (time.time() - start_time))
+
+    (run_dir / "results.json").write_text(json.dumps(dict(step=args.total_timesteps, results=results), indent=2))
+    print(f"results written to {run_dir}")
+    metrics_file.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
