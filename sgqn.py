@@ -3,11 +3,12 @@
 Bertoin, Zouitine, Zouitine, Rachelson. "Look where you look! Saliency-guided Q-networks for
 generalization in visual reinforcement learning", NeurIPS 2022.
 
-SAC learns from 84x84 pixels on the plain DeepMind Control scene; two saliency mechanisms make the
-critic look at the right pixels, so that it generalises zero-shot to the DMControl Generalization
-Benchmark scenes (color_easy, color_hard, video_easy, video_hard):
+SAC learns from 84x84 pixels on the plain DeepMind Control scene; SGQN makes the critic look at the
+right pixels, so that the agent generalises zero-shot to the DMControl Generalization Benchmark scenes
+(color_easy, color_hard, video_easy, video_hard). From the critic's own saliency:
   1. attribution: guided backpropagation of Q1 with respect to the observation; the saliency mask
      keeps, per frame, the pixels whose attribution is at or above the rho-quantile;
+it builds two losses:
   2. consistency: Q on the full observation and Q on the masked observation should agree
      (added to the critic loss with weight `consistency_coef`);
   3. self-supervision: an attribution decoder on top of the critic's encoder predicts the mask from
@@ -20,10 +21,13 @@ Usage:
     python sgqn.py --help
 
 Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
-  - Guided backprop runs once per step, before the critic step; its mask serves both the consistency
-    term and the auxiliary target (the authors recompute it after the critic step). The actor step
-    reuses the critic step's detached conv features of obs instead of encoding obs again. Both save
-    encoder passes; the features and mask come from weights one critic step older.
+  - Guided backprop runs once per step, on the critic's own forward of obs before the critic step; its
+    mask serves both the consistency term and the auxiliary target (the authors run it twice, before and
+    after the critic step). The actor step reuses that forward's detached conv features instead of
+    encoding obs again. Both save encoder passes; the aux target and the actor's features come from
+    weights one critic step older.
+  - Same results, computed faster: the mask threshold by one kthvalue instead of torch.quantile's sort;
+    the decoder's upsample-then-conv at low resolution (`upsample_conv`).
   - Overlay images come from a pool loaded once onto the device (random flips per draw) instead of a
     Places365 DataLoader with RandomResizedCrop; without --overlay-dir a procedural generator of
     1/f-spectrum images stands in for Places365 (see README).
@@ -456,7 +460,7 @@ class Agent:
 def make_agent(obs_shape, action_dim, args, device):
     encoder = Encoder(obs_shape, args.num_conv_layers, args.num_filters).to(device)
     critic = Critic(encoder, action_dim, args.projection_dim, args.hidden_dim).to(device)
-    actor = Actor(encoder.out_dim, action_dim, args.projection_dim, args.hidden_dim, args.log_std_min, args.log_std_max)
+    actor = Actor(encoder.out_dim, action_dim, args.projection_dim, args.hidden_dim, args.log_std_min, args.log_std_max).to(device)
     decoder = AttributionDecoder(encoder.out_shape, obs_shape, action_dim, args.projection_dim).to(device)
     log_alpha = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
     # the attribution predictor is the critic's encoder and projection + the decoder: its step trains them all
@@ -464,7 +468,7 @@ def make_agent(obs_shape, action_dim, args, device):
     return Agent(
         critic=critic,
         critic_target=copy.deepcopy(critic),  # with its own copy of the encoder
-        actor=actor.to(device),
+        actor=actor,
         decoder=decoder,
         log_alpha=log_alpha,
         critic_optimizer=torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999)),
@@ -493,8 +497,8 @@ def update(agent, batch, step, args, overlay):
     backward to the input for the attribution; forward of the masked obs; backward of both for the critic loss;
     two forwards without gradient for the TD target (online encoder for the actor, target encoder); every
     `aux_update_freq` steps a forward and backward of the overlaid obs. The actor reuses the critic's conv
-    features. That is 4 forwards (5 on aux steps) and 1 guided backward against the authors' 7 (9 on even
-    steps) and 2."""
+    features. That is 4 forwards (5 on aux steps) and 1 guided backward per step; the authors' code makes
+    6 forwards on odd steps and 9 on even ones (actor, aux), and 2 guided backwards."""
     obs, action, reward, next_obs = batch  # (B, 9, 84, 84) float, (B, A), (B, 1), (B, 9, 84, 84)
     critic, actor, encoder, log_alpha = agent.critic, agent.actor, agent.critic.encoder, agent.log_alpha
     aux_step = args.aux_update_freq > 0 and step % args.aux_update_freq == 0
@@ -557,7 +561,7 @@ def update(agent, batch, step, args, overlay):
         agent.aux_optimizer.zero_grad(set_to_none=True)
         losses["aux"].backward()
         agent.aux_optimizer.step()
-    return losses
+    return {name: loss.detach() for name, loss in losses.items()}
 
 
 def make_run_dir(args):
@@ -626,7 +630,7 @@ def main(args):
                 iio.imwrite(run_dir / f"saliency_{mode}.png", picture.repeat(2, 0).repeat(2, 1))
                 if args.capture_video:
                     clip = [saliency_picture(critic, decoder, actor, f, args.rho)[-84:] for f in frames]  # newest frame's row
-                    iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(2, 1).repeat(2, 2), fps=25)
+                    iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(4, 1).repeat(4, 2), fps=25)  # x4: 16-pixel blocks
         seconds = time.time() - start
         log(step=step, eval_seconds=seconds)
         print(f"\nevaluation at step {step} ({seconds:.0f} s)\n{'mode':<12}{'mean':>9}{'std':>9}{'episodes':>10}")

@@ -1160,10 +1160,10 @@ def reference_update(agent, batch, step, args, overlay):
         target_q = reward + args.gamma * target_v
     q1, q2 = _q_values(critic, obs, action)
     td = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-    consistency = torch.zeros(())
+    consistency = torch.zeros((), device=obs.device)
     if args.consistency_coef > 0:
         lo, hi = obs.min(), obs.max()
-        fill = lo + torch.rand(()) * (hi - lo)
+        fill = lo + torch.rand((), device=obs.device) * (hi - lo)
         masked = obs * mask
         masked[mask < 1] = fill
         masked_q1, masked_q2 = _q_values(critic, masked, action)
@@ -1182,7 +1182,7 @@ def reference_update(agent, batch, step, args, overlay):
         agent.actor_optimizer.zero_grad()
         actor_loss.backward()
         agent.actor_optimizer.step()
-        alpha_loss = (log_alpha.exp() * (-log_pi - (-ACTION_DIM)).detach()).mean()
+        alpha_loss = (log_alpha.exp() * (-log_pi - (-pi.shape[1])).detach()).mean()
         agent.alpha_optimizer.zero_grad()
         alpha_loss.backward()
         agent.alpha_optimizer.step()
@@ -1193,8 +1193,8 @@ def reference_update(agent, batch, step, args, overlay):
 
     if aux_step:
         b = len(obs)
-        picked = overlay[torch.randint(len(overlay), (b,))]
-        flip = torch.rand(b, 1, 1, 1) < 0.5
+        picked = overlay[torch.randint(len(overlay), (b,), device=obs.device)]
+        flip = torch.rand(b, 1, 1, 1, device=obs.device) < 0.5
         picked = torch.where(flip, picked.flip(-1), picked).float()
         overlaid = (1 - args.overlay_alpha) * obs + args.overlay_alpha * picked.repeat(1, obs.shape[1] // 3, 1, 1)
         logits = _plain_decoder(decoder, critic.projection(critic.encoder(overlaid)), action)
@@ -1385,7 +1385,7 @@ def test_load_images_grey_alpha_png(tmp_path):
 # The real script as a user runs it, with tiny settings: cartpole at action repeat 8 (125-step episodes).
 
 ROOT = Path(__file__).resolve().parent
-TINY = "--total-timesteps 10 --learning-starts 6 --batch-size 8 --eval-freq 1000 --final-eval-episodes 1 --action-repeat 8"
+TINY = "--total-timesteps 10 --learning-starts 6 --batch-size 8 --overlay-images 64 --eval-freq 1000 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 8"
 
 
 def run_script(args, cwd, check=True):

@@ -1,7 +1,7 @@
 """Speed of SG-SAC against plain SAC on the current device (not a test).
 
     python benchmarks/bench_update.py                        # update times, env steps/s, end-to-end steps/s
-    python benchmarks/bench_update.py --data-dir ../shared/dmcgb --pairs 5
+    python benchmarks/bench_update.py --data-dir ../shared/dmcgb --fill-missing
 
 Update time: one gradient step at batch 128 with the real network sizes, after warm-up; the median over
 `pairs` of (odd step + even step) / 2, so the every-2-steps parts (actor, temperature, target, aux) are
@@ -23,14 +23,15 @@ import torch
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import bench_envs  # noqa: E402
 import envs  # noqa: E402
 import sgqn  # noqa: E402
 
 
 @dataclass
 class Bench:
-    pairs: int = 5
+    pairs: int = 7
     """timed (odd, even) step pairs per variant, after one warm-up pair"""
     batch_size: int = 128
     """batch size of the update"""
@@ -39,45 +40,55 @@ class Bench:
     train_steps: int = 30
     """agent steps of the end-to-end run (updates start after 10 seed steps)"""
     data_dir: str | None = None
-    """DMC-GB data for the video_hard speed (default: envs.py's resolution)"""
+    """DMC-GB data for the video_hard speed (default: envs.py's lookup)"""
+    fill_missing: bool = False
+    """time video_hard on the available videos reused cyclically (for a partial data dir like ../shared/dmcgb)"""
     cuda: bool = True
     """use CUDA when available"""
 
 
-def time_updates(step_fn, device, batch_size, pairs, **switches):
-    torch.manual_seed(0)
-    args = sgqn.Args(**switches)
-    agent = sgqn.make_agent((9, 84, 84), 6, args, device)
+def time_updates(variants, device, batch_size, pairs):
+    """Median seconds per step of each variant {label: (step function, Args switches)}. The variants take turns,
+    pair by pair, so that a change in background load hits them alike; batches are laid out as the training
+    loop makes them (random_shift of uint8, then float)."""
     overlay = sgqn.procedural_images(256, 84, torch.Generator().manual_seed(0)).to(device)
-    batch = (
-        torch.randint(0, 256, (batch_size, 9, 84, 84), device=device).float(),
-        torch.rand(batch_size, 6, device=device) * 2 - 1,
-        torch.rand(batch_size, 1, device=device),
-        torch.randint(0, 256, (batch_size, 9, 84, 84), device=device).float(),
-    )
-    times = []
-    for pair in range(pairs + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for step in (2 * pair + 1, 2 * pair + 2):
-            losses = step_fn(agent, batch, step, args, overlay)
-        float(losses["td"])  # wait for the device
-        if pair > 0:  # the first pair warms up
-            times.append((time.perf_counter() - start) / 2)
-    return float(np.median(times))
+    frames = torch.randint(0, 256, (2, batch_size, 9, 84, 84), dtype=torch.uint8, device=device)
+    agents = {}
+    for label, (_, switches) in variants.items():
+        torch.manual_seed(0)
+        args = sgqn.Args(**switches)
+        agents[label] = (sgqn.make_agent((9, 84, 84), 6, args, device), args)
+    times = {label: [] for label in variants}
+    for pair in range(pairs + 1):  # the first pair warms up
+        for label, (step_fn, _) in variants.items():
+            agent, args = agents[label]
+            batch = (
+                sgqn.random_shift(frames[0], args.shift_pad).float(),
+                torch.rand(batch_size, 6, device=device) * 2 - 1,
+                torch.rand(batch_size, 1, device=device),
+                sgqn.random_shift(frames[1], args.shift_pad).float(),
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for step in (2 * pair + 1, 2 * pair + 2):
+                losses = step_fn(agent, batch, step, args, overlay)
+            losses["td"].item()  # wait for the device
+            if pair > 0:
+                times[label].append((time.perf_counter() - start) / 2)
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 
-def env_speed(mode, steps, data_dir):
-    env = envs.make_env("cartpole", 0, mode, data_dir=data_dir)
-    env.reset()
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, _, _, truncated, _ = env.step(rng.uniform(env.action_low, env.action_high))
-        if truncated:
-            env.reset()
-    return steps / (time.perf_counter() - start)
+def env_speed(modes, steps, data_dir, fill_missing):
+    """Agent steps per second on cartpole, random actions, resets included (bench_envs.py does every task and mode)."""
+    root = Path(data_dir) if data_dir else envs.resolve_data_dir()
+    root = bench_envs.filled_data_dir(root) if fill_missing else root
+    bench_args = bench_envs.Args(steps=steps)
+    runners = {mode: bench_envs.Runner("cartpole", mode, bench_args, root) for mode in modes}
+    for _ in range(bench_args.rounds):  # modes take turns, so background load hits them alike
+        for runner in runners.values():
+            runner.run(steps // bench_args.rounds)
+    return {mode: steps // bench_args.rounds * bench_args.rounds / runner.seconds for mode, runner in runners.items()}
 
 
 def main(bench):
@@ -85,38 +96,30 @@ def main(bench):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
 
-    rows = {"SG-SAC": time_updates(sgqn.update, device, bench.batch_size, bench.pairs)}
-    rows["SAC"] = time_updates(sgqn.update, device, bench.batch_size, bench.pairs, consistency_coef=0.0, aux_update_freq=0)
+    variants = {"SG-SAC": (sgqn.update, {}), "SAC": (sgqn.update, dict(consistency_coef=0.0, aux_update_freq=0))}
     try:
         from test_sgqn import reference_update
 
-        rows["SG-SAC, plain reference"] = time_updates(reference_update, device, bench.batch_size, bench.pairs)
+        variants["SG-SAC, plain reference"] = (reference_update, {})
     except ImportError:
         pass
+    rows = time_updates(variants, device, bench.batch_size, bench.pairs)
     print(f"\nupdate time, batch {bench.batch_size}, median of {bench.pairs} step pairs")
     for label, seconds in rows.items():
         print(f"  {label:<26}{seconds * 1000:9.1f} ms   {seconds / rows['SAC']:5.2f} x SAC")
 
-    print(f"\nenvironment, cartpole, {bench.env_steps} agent steps at action repeat 4")
-    train = env_speed("train", bench.env_steps, bench.data_dir)
-    print(f"  {'train':<12}{train:8.1f} steps/s")
-    try:
-        hard = env_speed("video_hard", bench.env_steps, bench.data_dir)
-        print(f"  {'video_hard':<12}{hard:8.1f} steps/s   {hard / train:.2f} x train")
-    except (OSError, ValueError) as e:
-        print(f"  video_hard skipped: {e}")
+    speed = env_speed(("train", "video_hard"), bench.env_steps, bench.data_dir, bench.fill_missing)
+    print(f"\nenvironment, cartpole, {bench.env_steps} agent steps at action repeat 4 after a warm-up episode")
+    for mode, steps_per_second in speed.items():
+        print(f"  {mode:<12}{steps_per_second:8.1f} steps/s   {steps_per_second / speed['train']:.2f} x train")
 
     with tempfile.TemporaryDirectory() as out:
         args = sgqn.Args(env_id="cartpole", total_timesteps=bench.train_steps, learning_starts=10, eval_freq=10**9,
                          eval_modes=("train",), final_eval_episodes=1, output_dir=out, cuda=bench.cuda)
-        start = time.perf_counter()
         run_dir = sgqn.main(args)
-        seconds = time.perf_counter() - start
-        rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-        eval_seconds = sum(row.get("eval_seconds", 0) for row in rows)
-        print(f"\nend to end, cartpole: {bench.train_steps} agent steps and as many updates in {seconds - eval_seconds:.0f} s "
-              f"(set-up included, evaluation excluded): {bench.train_steps / (seconds - eval_seconds):.2f} steps/s")
-
+        last = [row for row in map(json.loads, open(run_dir / "metrics.jsonl")) if "sps" in row][-1]
+        print(f"\nend to end, cartpole: {last['sps']:.2f} agent steps/s over {bench.train_steps} steps with as many "
+              f"updates (environment, sampling, augmentation and update; set-up and evaluation excluded)")
 
 if __name__ == "__main__":
     main(tyro.cli(Bench))
