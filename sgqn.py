@@ -39,6 +39,7 @@ Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import time
@@ -478,19 +479,6 @@ def make_agent(obs_shape, action_dim, args, device):
     )
 
 
-def save_checkpoint(agent, path, **extra):
-    state = {name: value.state_dict() for name, value in vars(agent).items() if name != "log_alpha"}
-    torch.save({**state, "log_alpha": agent.log_alpha.item(), **extra}, path)
-
-
-def load_checkpoint(agent, path, device):
-    state = torch.load(path, map_location=device, weights_only=True)
-    for name, value in vars(agent).items():
-        if name != "log_alpha":
-            value.load_state_dict(state[name])
-    agent.log_alpha.data.fill_(state["log_alpha"])
-
-
 def update(agent, batch, step, args, overlay):
     """One SG-SAC gradient step on an augmented batch; returns its losses (tensors).
     Encoder passes (B samples each): forward of obs, shared by the critic loss and guided backprop, and one
@@ -565,15 +553,13 @@ def update(agent, batch, step, args, overlay):
 
 
 def make_run_dir(args):
+    """A new folder for this run's outputs: a run never writes into an earlier run's folder."""
     name = f"{args.env_id}__rho{args.rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
-        try:
-            run_dir = Path(args.output_dir) / (name + suffix)
-            run_dir.mkdir(parents=True)  # fails if it exists: a run never overwrites another
+    for suffix in itertools.count():
+        with contextlib.suppress(FileExistsError):
+            run_dir = Path(args.output_dir) / (f"{name}-{suffix}" if suffix else name)
+            run_dir.mkdir(parents=True)
             return run_dir
-        except FileExistsError:
-            continue
-    raise SystemExit(f"error: could not create a fresh run folder under {args.output_dir}")
 
 
 def main(args):
@@ -587,7 +573,6 @@ def main(args):
         raise SystemExit(f"error: --overlay-dir {args.overlay_dir} is not a folder; give a folder of JPEG/PNG images or leave it out")
     if unknown := set(args.eval_modes) - set(envs.MODES):
         raise SystemExit(f"error: unknown --eval-modes {sorted(unknown)}; choose from {' '.join(envs.MODES)}")
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -608,11 +593,20 @@ def main(args):
         raise SystemExit(f"error: {e}") from None
     encoder, actor, critic, decoder = agent.critic.encoder, agent.actor, agent.critic, agent.decoder
     if args.checkpoint:
-        load_checkpoint(agent, args.checkpoint, device)
+        try:
+            state = torch.load(args.checkpoint, map_location=device, weights_only=True)
+            for name, value in vars(agent).items():
+                if name == "log_alpha":
+                    value.data.fill_(state[name])
+                else:
+                    value.load_state_dict(state[name])
+        except (RuntimeError, KeyError) as e:  # another task's or another version's checkpoint
+            message = " ".join(str(e).split())[:300]
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} does not fit {args.env_id} with these sizes: {message}") from None
 
     run_dir = make_run_dir(args)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
 
     def log(**row):
         metrics_file.write(json.dumps(row) + "\n")
@@ -691,7 +685,8 @@ def main(args):
             episode_return = 0.0
 
         if evaluating:
-            save_checkpoint(agent, run_dir / "checkpoint.pt", step=global_step, args=asdict(args))
+            state = {name: value.state_dict() for name, value in vars(agent).items() if name != "log_alpha"}
+            torch.save({**state, "log_alpha": agent.log_alpha.item(), "step": global_step, "args": asdict(args)}, run_dir / "checkpoint.pt")
             results, seconds = run_evaluation(global_step, args.final_eval_episodes if final else args.eval_episodes, final)
             eval_seconds += seconds
             log(step=global_step, eval_share=eval_seconds / (time.time() - start_time))
