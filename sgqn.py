@@ -306,7 +306,7 @@ class Critic(nn.Module):
 
 
 class Actor(nn.Module):
-    """Tanh-Gaussian policy on the shared conv features (detached: the actor loss never trains the convs)."""
+    """Tanh-Gaussian policy on the shared encoder's conv features; its projection and trunk are its own."""
 
     def __init__(self, features_dim, action_dim, projection_dim, hidden_dim, log_std_min, log_std_max):
         super().__init__()
@@ -317,7 +317,7 @@ class Actor(nn.Module):
 
     def forward(self, features):
         """-> tanh(mean) (B, A), sampled action (B, A), its log-probability (B, 1)."""
-        mean, log_std = self.trunk(self.projection(features.detach())).chunk(2, dim=-1)
+        mean, log_std = self.trunk(self.projection(features)).chunk(2, dim=-1)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
         noise = torch.randn_like(mean)
         pi = mean + noise * log_std.exp()
