@@ -2,6 +2,7 @@
 
     python benchmarks/bench_update.py                        # update times, env steps/s, end-to-end steps/s
     python benchmarks/bench_update.py --data-dir ../shared/dmcgb --fill-missing
+    python benchmarks/bench_update.py --env-steps 0 --pairs 15  # update times only
 
 Update time: one gradient step at batch 128 with the real network sizes, after warm-up; the median over
 `pairs` of (odd step + even step) / 2, so the every-2-steps parts (actor, temperature, target, aux) are
@@ -31,12 +32,12 @@ import sgqn  # noqa: E402
 
 @dataclass
 class Bench:
-    pairs: int = 7
+    pairs: int = 11
     """timed (odd, even) step pairs per variant, after one warm-up pair"""
     batch_size: int = 128
     """batch size of the update"""
     env_steps: int = 200
-    """agent steps per environment mode"""
+    """agent steps per environment mode (0: time the updates only)"""
     train_steps: int = 30
     """agent steps of the end-to-end run (updates start after 10 seed steps)"""
     data_dir: str | None = None
@@ -48,7 +49,7 @@ class Bench:
 
 
 def time_updates(variants, device, batch_size, pairs):
-    """Median seconds per step of each variant {label: (step function, Args switches)}. The variants take turns,
+    """Seconds per step, one per timed pair, of each variant {label: (step function, Args switches)}. The variants take turns,
     pair by pair, so that a change in background load hits them alike; batches are laid out as the training
     loop makes them (random_shift of uint8, then float)."""
     overlay = sgqn.procedural_images(256, 84, torch.Generator().manual_seed(0)).to(device)
@@ -76,7 +77,7 @@ def time_updates(variants, device, batch_size, pairs):
             losses["td"].item()  # wait for the device
             if pair > 0:
                 times[label].append((time.perf_counter() - start) / 2)
-    return {label: float(np.median(t)) for label, t in times.items()}
+    return {label: np.array(t) for label, t in times.items()}
 
 
 def env_speed(modes, steps, data_dir, fill_missing):
@@ -103,10 +104,15 @@ def main(bench):
         variants["SG-SAC, plain reference"] = (reference_update, {})
     except ImportError:
         pass
-    rows = time_updates(variants, device, bench.batch_size, bench.pairs)
-    print(f"\nupdate time, batch {bench.batch_size}, median of {bench.pairs} step pairs")
-    for label, seconds in rows.items():
-        print(f"  {label:<26}{seconds * 1000:9.1f} ms   {seconds / rows['SAC']:5.2f} x SAC")
+    times = time_updates(variants, device, bench.batch_size, bench.pairs)
+    sac = np.median(times["SAC"])
+    print(f"\nupdate time, batch {bench.batch_size}, median of {bench.pairs} step pairs; the paired ratio is the median "
+          f"over pairs of (variant / SAC), each timed next to the other")
+    for label, seconds in times.items():
+        print(f"  {label:<26}{np.median(seconds) * 1000:9.1f} ms   {np.median(seconds) / sac:5.2f} x SAC   "
+              f"paired {np.median(seconds / times['SAC']):5.2f}   range {seconds.min() * 1000:.0f}-{seconds.max() * 1000:.0f} ms")
+    if not bench.env_steps:
+        return
 
     speed = env_speed(("train", "video_hard"), bench.env_steps, bench.data_dir, bench.fill_missing)
     print(f"\nenvironment, cartpole, {bench.env_steps} agent steps at action repeat 4 after a warm-up episode")
