@@ -49,9 +49,9 @@ class Bench:
 
 
 def time_updates(variants, device, batch_size, pairs):
-    """Seconds per step, one per timed pair, of each variant {label: (step function, Args switches)}. The variants take turns,
-    pair by pair, so that a change in background load hits them alike; batches are laid out as the training
-    loop makes them (random_shift of uint8, then float)."""
+    """Seconds per step, one value per timed pair, of each variant {label: (step function, Args switches)}.
+    The variants take turns, pair by pair, so that a change in background load hits them alike; batches are
+    laid out as the training loop makes them (random_shift of uint8, then float)."""
     overlay = sgqn.procedural_images(256, 84, torch.Generator().manual_seed(0)).to(device)
     frames = torch.randint(0, 256, (2, batch_size, 9, 84, 84), dtype=torch.uint8, device=device)
     agents = {}
