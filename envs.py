@@ -46,9 +46,12 @@ if sys.platform.startswith("linux"):
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 import collections
+import contextlib
 import hashlib
 import http.client
 import importlib
+import json
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -57,6 +60,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import imageio.v2 as imageio
+import mujoco
 import numpy as np
 import torch  # colour tables are torch pickles; video frames are resized with the same torch call as DMC-GB
 import torch.nn.functional as F
@@ -78,6 +82,7 @@ DATA_URL = f"https://raw.githubusercontent.com/{DATA_REPO}/{DATA_COMMIT}/src/env
 NUM_VIDEOS = {"video_easy": 10, "video_hard": 100}
 MAX_CACHED_VIDEOS = 10  # ~53 MB at repeat 4: all of video_easy stays decoded; video_hard decodes per episode
 GREEN = (0.2, 0.8, 0.2)
+INTEGRATION_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # all MuJoCo needs to continue a simulation exactly
 HSV_MIN, HSV_MAX = (100, 80, 70), (185, 255, 255)  # DMC-GB's "green": hue in degrees, s and v on 0-255
 RENDERER_HELP = (
     "no working MuJoCo renderer (MUJOCO_GL={gl}: {error}); on Debian/Ubuntu run "
@@ -106,7 +111,7 @@ def make_env(env_id, seed, mode="train", action_repeat=4, frame_stack=3, image_s
     suite = import_suite()
     domain, task = parse_env_id(env_id, suite)
     root = resolve_data_dir(data_dir)
-    ensure_data(mode, root)
+    ensure_data([mode], root)
     # time_limit=inf: the episode is cut by us after 1000 simulator steps (dmc2gym passes 1e6 s for the same)
     dm_env = suite.load(domain, task, task_kwargs={"random": seed, "time_limit": float("inf")})
     return DMCEnv(dm_env, domain, task, seed, mode, action_repeat, frame_stack, image_size, root)
@@ -205,6 +210,32 @@ class DMCEnv:
         truncated = self._t >= self.max_episode_steps
         return self._observation(), float(reward), bool(time_step.last()), truncated, self._info()
 
+    def get_state(self):
+        """Everything this env's future depends on, as tensors, numbers and strings (a weights-only checkpoint
+        holds it): set_state on an env made with the same arguments continues it exactly, mid-episode too."""
+        physics = np.empty(mujoco.mj_stateSize(self._physics.model.ptr, INTEGRATION_STATE))
+        mujoco.mj_getState(self._physics.model.ptr, self._physics.data.ptr, physics, INTEGRATION_STATE)
+        return dict(physics=torch.from_numpy(physics), frames=torch.from_numpy(np.stack(self._frames or [np.empty(0)])),
+                    t=-1 if self._t is None else self._t, task_random=random_state(self._env.task.random),
+                    color_random=random_state(self._color_rng), color_index=-1 if self._color_index is None else self._color_index,
+                    video_index=self._video_index)
+
+    def set_state(self, state):
+        """Continue from get_state's state; returns the current observation (None before the first reset)."""
+        self._env.task.random.set_state(random_state(state["task_random"]))
+        self._color_rng.set_state(random_state(state["color_random"]))
+        self._color_index = None if state["color_index"] < 0 else state["color_index"]
+        if self._color_index is not None:
+            reload_physics(self._physics, self._xml, edit_assets(self._assets, self._colors[self._color_index]))
+        self._video_index, self._t = state["video_index"], None if state["t"] < 0 else state["t"]
+        if self._t is not None:
+            self._video = self._load_video(self._video_index) if self._video_paths else None
+            self._frames.extend(state["frames"].numpy())
+            self._env._reset_next_step = False  # dm_control would otherwise reset at the next step
+        mujoco.mj_setState(self._physics.model.ptr, self._physics.data.ptr, state["physics"].numpy(), INTEGRATION_STATE)
+        mujoco.mj_step1(self._physics.model.ptr, self._physics.data.ptr)  # dm_control's steps end in mj_step1 too
+        return None if self._t is None else self._observation()
+
     def _render(self):
         frame = self._physics.render(height=self._size, width=self._size, camera_id=0).transpose(2, 0, 1)
         if self._video is not None:
@@ -285,6 +316,16 @@ def check_renderer(physics, size):
         raise OSError(renderer_help(exc)) from exc
 
 
+def random_state(state):
+    """A RandomState's state as a JSON string, and back."""
+    if isinstance(state, str):
+        state = json.loads(state)
+        state["state"]["key"] = np.array(state["state"]["key"], np.uint32)
+        return state
+    state = state.get_state(legacy=False)
+    return json.dumps({**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}})
+
+
 def greenscreen(frame, background):
     """DMC-GB's do_green_screen, vectorised: pixels of frame (3, H, W) uint8 whose HSV is green take
     background's. The same float64 operations in the same order as its per-pixel rgb_to_hsv, so the
@@ -355,32 +396,92 @@ def required_files(mode):
     return [f"{mode}.pt"] if mode.startswith("color") else []
 
 
-def ensure_data(mode, root):
-    """Make sure every file `mode` needs is in root, downloading and verifying what is missing."""
-    names = required_files(mode)
+class DataError(FileNotFoundError):
+    """DMC-GB files missing or corrupt; the message names each one and the fix."""
+
+
+def ensure_data(modes, root):
+    """Every file the modes need is in root: missing ones are downloaded, and every one is checked against its
+    pinned git blob id (re-hashed only when its size or mtime changed since it last verified). One DataError
+    names all missing and all corrupt files. DMCGB_VERIFY=0 skips the check (custom or test scenes)."""
+    names = [name for mode in dict.fromkeys(modes) for name in required_files(mode)]
     missing = [name for name in names if not (root / name).is_file()]
-    if not missing:
-        return
+    reason = download_missing(missing, root) if missing else ""
+    missing = [name for name in names if not (root / name).is_file()]
+    corrupt = [] if os.environ.get("DMCGB_VERIFY") == "0" else unverified([n for n in names if n not in missing], root)
+    if missing or corrupt:
+        problems = [f"{len(found)} {what} ({describe(found)})" for what, found in (("missing", missing), ("corrupt", corrupt)) if found]
+        raise DataError(
+            f"DMC-GB data for {' '.join(dict.fromkeys(modes))} in {root}: {' and '.join(problems)} file(s){reason}; "
+            + ("delete the corrupt ones and run again to download them, or " if corrupt else "")
+            + f"copy src/env/data of github.com/{DATA_REPO} at commit {DATA_COMMIT} there, or point DMCGB_DATA_DIR at such a copy"
+        )
+
+
+def download_missing(names, root):
+    """Download names into root; '' when done, else why not (downloads off, or the error)."""
+    if os.environ.get("DMCGB_DOWNLOAD", "1") == "0":
+        return " (downloads are off: DMCGB_DOWNLOAD=0)"
     base_url = os.environ.get("DMCGB_URL") or DATA_URL
-    reason = "downloads are off (DMCGB_DOWNLOAD=0)"
-    if os.environ.get("DMCGB_DOWNLOAD", "1") != "0":
-        print(f"envs: downloading {len(missing)} file(s) for {mode} from {base_url} to {root}", file=sys.stderr)
-        try:
-            for name in missing:
-                download(f"{base_url.rstrip('/')}/{name}", root / name, GIT_BLOBS[name])
-            return
-        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
-            reason = " ".join(f"download failed ({type(exc).__name__}: {exc})".split())
-    missing = [name for name in names if not (root / name).is_file()]
-    raise FileNotFoundError(
-        f"mode {mode} needs {len(missing)} missing file(s) of {len(names)} in {root} (e.g. {missing[0]}); "
-        f"{reason}: copy src/env/data of github.com/{DATA_REPO} at commit {DATA_COMMIT} there, "
-        f"or point data_dir or DMCGB_DATA_DIR at such a copy"
-    )
+    print(f"envs: downloading {len(names)} file(s) from {base_url} to {root}", file=sys.stderr)
+    try:
+        for name in names:
+            download(f"{base_url.rstrip('/')}/{name}", root / name, GIT_BLOBS[name])
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as exc:
+        return " (download failed: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:200] + ")"
+    return ""
+
+
+def unverified(names, root):
+    """The names whose file in root does not have its git blob id; a stamp file remembers what verified."""
+    stamp_path = root / ".verified.json"
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    bad = []
+    for name in names:
+        info = os.stat(root / name)
+        key = [info.st_size, info.st_mtime_ns]
+        if stamp.get(name) != key:
+            if git_blob_id(root / name) != GIT_BLOBS[name]:
+                bad.append(name)
+                continue
+            stamp[name] = key
+    try:
+        tmp = root / f".verified.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, stamp_path)
+    except OSError:  # a read-only data folder: hash again next time
+        pass
+    return bad
+
+
+def describe(names):
+    """['video_hard/video3.mp4', 'video_hard/video4.mp4', 'color_hard.pt'] -> 'video_hard/video{3-4}.mp4, color_hard.pt'."""
+    groups = {}  # (prefix, suffix) -> numbers, in order of first appearance
+    for name in names:
+        prefix, number, suffix = re.fullmatch(r"(.*?)(\d*)(\.\w+)", name).groups()
+        groups.setdefault((prefix, suffix), []).append(int(number) if number else None)
+    out = []
+    for (prefix, suffix), numbers in groups.items():
+        if numbers == [None] or len(numbers) == 1:
+            out.append(f"{prefix}{numbers[0] if numbers[0] is not None else ''}{suffix}")
+            continue
+        runs = []
+        for n in numbers:
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        out.append(prefix + "{" + ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) + "}" + suffix)
+    return ", ".join(out)
 
 
 def download(url, dest, blob_id):
-    """Fetch url to a temporary file next to dest; rename it to dest only if its git blob id is blob_id."""
+    """Fetch url to a temporary file next to dest; rename it to dest only if its git blob id is blob_id. On failure
+    nothing is left behind, not even a folder this made."""
+    made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -392,6 +493,10 @@ def download(url, dest, blob_id):
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
+        if not dest.exists():
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
 
 
 def git_blob_id(path):

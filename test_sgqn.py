@@ -7,6 +7,7 @@ real script. Real DMC-GB files in ../shared/dmcgb are used when present, small s
 """
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -17,9 +18,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -141,6 +144,13 @@ def envs_real_dir(tmp_path_factory, envs_synthetic_dir):
     if not ENVS_HAVE_SHARED:
         return envs_synthetic_dir
     return _envs_make_data_dir(tmp_path_factory.mktemp("envs_real"), real=True)
+
+
+@pytest.fixture(autouse=True)
+def _envs_unverified_data(monkeypatch):
+    """Test data folders reuse real videos cyclically or are synthetic, so they do not have DMC-GB's git blob ids;
+    the tests of the check itself delete this."""
+    monkeypatch.setenv("DMCGB_VERIFY", "0")
 
 
 @pytest.fixture
@@ -405,7 +415,7 @@ def test_envs_missing_data_errors(tmp_path, envs_synthetic_dir, envs_no_download
     partial = tmp_path / "partial"
     shutil.copytree(envs_synthetic_dir / "video_easy", partial / "video_easy")
     (partial / "video_easy" / "video7.mp4").unlink()
-    with pytest.raises(FileNotFoundError, match="1 missing file"):
+    with pytest.raises(FileNotFoundError, match=r"1 missing \(video_easy/video7.mp4\)"):
         envs.make_env("cartpole", seed=0, mode="video_easy", data_dir=partial)
     # the data dir comes from DMCGB_DATA_DIR, then XDG_CACHE_HOME
     monkeypatch.setenv("DMCGB_DATA_DIR", str(tmp_path / "env"))
@@ -480,15 +490,42 @@ def test_envs_download_verified_and_corrupt_rejected(tmp_path, envs_http_server,
 
     env = envs.make_env("cartpole", seed=0, mode="color_easy", data_dir=data)
     assert (data / "color_easy.pt").read_bytes() == good and "color" in env.reset()[1]
-    with pytest.raises(OSError) as info:
+    with pytest.raises(envs.DataError) as info:
         envs.make_env("cartpole", seed=0, mode="color_hard", data_dir=data)
-    assert not isinstance(info.value, FileNotFoundError)
-    assert "\n" not in str(info.value) and "corrupt" in str(info.value)
-    assert sorted(p.name for p in data.iterdir()) == ["color_easy.pt"]  # nothing half-downloaded kept
+    assert "\n" not in str(info.value) and "color_hard.pt is corrupt" in str(info.value)
+    assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".verified")) == ["color_easy.pt"]  # nothing half-downloaded kept
 
     monkeypatch.setenv("DMCGB_URL", served.as_uri())  # file:// works too
     envs.make_env("cartpole", seed=0, mode="color_easy", data_dir=tmp_path / "via_file")
     assert (tmp_path / "via_file" / "color_easy.pt").read_bytes() == good
+
+
+def test_envs_local_files_verified_all_problems_in_one_error(tmp_path, envs_no_download, monkeypatch):
+    monkeypatch.delenv("DMCGB_VERIFY")
+    data = tmp_path / "data"
+    (data / "video_easy").mkdir(parents=True)
+    blobs = {}
+    for i in range(10):
+        _envs_write_video(data / "video_easy" / f"video{i}.mp4", i, 3)
+        blobs[f"video_easy/video{i}.mp4"] = envs.git_blob_id(data / "video_easy" / f"video{i}.mp4")
+    _envs_write_colors(data / "color_hard.pt", 1)
+    blobs["color_hard.pt"] = envs.git_blob_id(data / "color_hard.pt")
+    for name, blob in blobs.items():  # the files stand in for DMC-GB's: their blob ids are the pinned ones
+        monkeypatch.setitem(envs.GIT_BLOBS, name, blob)
+    envs.ensure_data(["video_easy", "color_hard"], data)
+    assert (data / ".verified.json").is_file()
+    for i in (2, 3, 7):  # corrupt three videos (same size, new mtime), delete one, corrupt the colour table
+        path = data / "video_easy" / f"video{i}.mp4"
+        path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    (data / "video_easy" / "video5.mp4").unlink()
+    (data / "color_hard.pt").write_bytes(b"not a table")
+    with pytest.raises(envs.DataError) as info:
+        envs.ensure_data(["video_easy", "color_hard", "train"], data)
+    message = str(info.value)
+    assert "\n" not in message and "1 missing (video_easy/video5.mp4)" in message
+    assert "4 corrupt (video_easy/video{2-3,7}.mp4, color_hard.pt)" in message and "delete the corrupt ones" in message
+    with pytest.raises(envs.DataError):  # never used: make_env checks too
+        envs.make_env("cartpole", seed=0, mode="color_hard", data_dir=data)
 
 
 def test_envs_colors_load_without_running_code(tmp_path):
@@ -810,14 +847,39 @@ def _tie_maps():
     float32 = torch.randn(b, 9, 84, 84, generator=g)
     channels_last = torch.randn(b, 9, 84, 84, generator=g).contiguous(memory_format=torch.channels_last)
     return dict(mostly_zero=mostly_zero, few_nonzero=few_nonzero, integers=integers, sparse_integers=sparse_integers,
-                constant=constant, float32=float32, channels_last=channels_last)
+                constant=constant, float32=float32, channels_last=channels_last, float64=float32.double())
 
 
-@pytest.mark.parametrize("rho", [0.5, 0.9, 0.95, 0.98])
+def _ulp_gap_maps(rho, ulps, dtype):
+    """Frames whose two order statistics at torch.quantile's rank are `ulps` ulp apart: there the interpolated
+    threshold rounds to one of them, so `>=` keeps or drops every value equal to the upper one."""
+    g = torch.Generator().manual_seed(ulps)
+    per_frame = torch.rand(4, 3, 84 * 84, generator=g, dtype=dtype).sort(-1).values  # (B, k, n) ascending
+    below = int(torch.tensor(rho, dtype=dtype) * (84 * 84 - 1))
+    upper = per_frame[..., below]
+    for _ in range(ulps):
+        upper = torch.nextafter(upper, torch.tensor(2.0, dtype=dtype))
+    per_frame[..., below + 1] = upper
+    per_frame = per_frame[..., torch.randperm(84 * 84, generator=g)].view(4, 3, 1, 84, 84)
+    return per_frame * torch.tensor([1.0, -0.5, 0.25], dtype=dtype).view(1, 1, 3, 1, 1)  # max |.| over RGB: channel 0
+
+
+RHOS = [0.3, 0.5, 0.9, 0.95, 0.98, 0.99]
+
+
+@pytest.mark.parametrize("rho", RHOS)
 @pytest.mark.parametrize("kind", list(_tie_maps()))
 def test_saliency_mask_equals_authors_formula(kind, rho):
     attribution = _tie_maps()[kind]
     assert torch.equal(sgqn.saliency_mask(attribution, rho), authors_mask(attribution, rho))
+
+
+@pytest.mark.parametrize("rho", RHOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saliency_mask_equals_authors_formula_at_one_and_two_ulp_gaps(rho, dtype):
+    for ulps in (1, 2):
+        attribution = _ulp_gap_maps(rho, ulps, dtype).reshape(4, 9, 84, 84)
+        assert torch.equal(sgqn.saliency_mask(attribution, rho), authors_mask(attribution, rho)), ulps
 
 
 def test_saliency_mask_uses_max_over_channels_of_abs():
@@ -1126,6 +1188,28 @@ def test_update_no_hooks_finite_losses_channels_last_batch():
     assert_no_hooks(agent.critic, agent.critic_target, agent.actor, agent.decoder)
 
 
+@pytest.mark.parametrize("switches", [{}, dict(consistency_coef=0.0), dict(aux_update_freq=0),
+                                      dict(consistency_coef=0.0, aux_update_freq=0)])
+def test_update_runs_on_meta_device(switches):
+    """The meta device stands in for CUDA: a tensor made without device= lands on the CPU and cannot mix with meta
+    tensors, and .item(), .cpu(), .numpy() or bool() of a meta tensor fail, as a host synchronisation would."""
+    meta = torch.device("meta")
+    args = sgqn.Args(**switches)
+    agent = sgqn.make_agent(OBS_SHAPE, ACTION_DIM, args, meta)
+    overlay = sgqn.procedural_images(4, 84, torch.Generator().manual_seed(0)).to(meta)
+    frames = torch.empty(2, 4, *OBS_SHAPE, dtype=torch.uint8, device=meta)
+    obs, next_obs = (sgqn.random_shift(f, args.shift_pad).float() for f in frames)
+    batch = (obs, torch.empty(4, ACTION_DIM, device=meta), torch.empty(4, 1, device=meta), next_obs)
+    for step in (1, 2):
+        losses = sgqn.update(agent, batch, step, args, overlay)
+        assert losses and all(v.device == meta for v in losses.values())
+    attribution = sgqn.guided_backprop(agent.critic, obs, batch[1])
+    mask = sgqn.saliency_mask(attribution, args.rho)
+    outputs = [obs, attribution, mask, sgqn.mask_observation(obs, mask), sgqn.random_overlay(obs, overlay, 0.5),
+               agent.decoder(torch.empty(4, args.projection_dim, device=meta), batch[1])]
+    assert all(x.device == meta and x.shape[1:] == OBS_SHAPE for x in outputs)
+
+
 # ---------------------------------------------------------------- 9. plain reference step
 def _q_values(net, obs, action):
     h = torch.cat([net.projection(net.encoder(obs)), action], 1)
@@ -1365,12 +1449,12 @@ def test_load_images(tmp_path):
     assert sgqn.load_images(tmp_path, 2, 12, np.random.default_rng(0)).shape == (2, 3, 12, 12)
 
 
-def test_load_images_empty_folder(tmp_path):
+def test_load_images_empty_folder(tmp_path, capsys):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(SystemExit) as excinfo:
         sgqn.load_images(tmp_path, 10, 84, np.random.default_rng(0))
-    message = str(excinfo.value)
-    assert message and "\n" not in message and str(tmp_path) in message
+    message = capsys.readouterr().err
+    assert excinfo.value.code == 2 and message.startswith("error: ") and message.count("\n") == 1 and str(tmp_path) in message
 
 
 def test_load_images_grey_alpha_png(tmp_path):
@@ -1382,10 +1466,15 @@ def test_load_images_grey_alpha_png(tmp_path):
 
 
 # ---- sgqn.py, end to end ----
-# The real script as a user runs it, with tiny settings: cartpole at action repeat 8 (125-step episodes).
+# The real script as a user runs it, with tiny settings: cartpole at action repeat 50 (20-step episodes).
 
 ROOT = Path(__file__).resolve().parent
-TINY = "--total-timesteps 10 --learning-starts 6 --batch-size 8 --overlay-images 64 --eval-freq 1000 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 8"
+TINY = "--total-timesteps 10 --learning-starts 8 --batch-size 8 --overlay-images 64 --eval-freq 1000 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 50"
+# small networks, a replay buffer smaller than the run, checkpoints amid episodes, a colour and a video test mode
+RESUMABLE = ("--env-id cartpole --total-timesteps 60 --learning-starts 8 --batch-size 4 --buffer-size 25 --eval-freq 30 "
+             "--checkpoint-freq 7 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 50 --num-filters 8 --hidden-dim 32 "
+             "--overlay-images 16 --eval-modes color_hard video_hard")
+TIMINGS = {"sps", "eta_hours", "eval_seconds", "eval_share"}
 
 
 def run_script(args, cwd, check=True):
@@ -1393,6 +1482,49 @@ def run_script(args, cwd, check=True):
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
+
+
+def start_script(args, cwd):
+    """sgqn.py in the background, one thread (so that two runs side by side compute alike), stdout unbuffered."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-u", str(ROOT / "sgqn.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_cases(cases, cwd, env=None):
+    """Run sgqn.py as a script once per argv, in one Python process (imports paid once): [(exit status, stdout, stderr)]."""
+    driver = f"""
+import contextlib, io, json, runpy, sys, traceback
+sys.path.insert(0, {str(ROOT)!r})  # as `python sgqn.py` does
+out = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv, stdout, stderr, status = ["sgqn.py", *argv], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path({str(ROOT / "sgqn.py")!r}, run_name="__main__")
+        except SystemExit as e:
+            status = e.code
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    out.append((status, stdout.getvalue(), stderr.getvalue()))
+print(json.dumps(out))
+"""
+    out = subprocess.run([sys.executable, "-c", driver, json.dumps(cases)], cwd=cwd, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def assert_one_line_error(status, stdout, stderr, words, expected_status):
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert status == expected_status and "Traceback" not in stderr, (status, stderr)
+    assert last.startswith("error:") and all(w in last for w in words), (words, last)
+    assert not re.search(r"^step \d", stdout, re.M), "no training step before the error"
+
+
+def metric_rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in open(run_dir / "metrics.jsonl")]
 
 
 def readme_commands(prefix):
@@ -1408,31 +1540,220 @@ def e2e_data_dir(tmp_path_factory):
     return _envs_make_data_dir(tmp_path_factory.mktemp("e2e_data"), real=ENVS_HAVE_SHARED)
 
 
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory, e2e_data_dir):
+    """The same small run twice, side by side: straight through, and interrupted (Ctrl-C once, then SIGKILL at
+    several moments, each followed by --resume). -> (straight run folder, interrupted run folder, the Ctrl-C output)."""
+    root = tmp_path_factory.mktemp("resume")
+    os.environ["DMCGB_VERIFY"] = "0"  # (module scope: the autouse fixture has not run yet)
+    args = [*RESUMABLE.split(), "--data-dir", str(e2e_data_dir)]
+    straight = start_script([*args, "--output-dir", "straight"], root)
+    interrupted = start_script([*args, "--output-dir", "cut"], root)
+    for line in interrupted.stdout:
+        if line.startswith("run folder:"):  # signal handlers are in place
+            break
+    time.sleep(3)  # amid the seed steps' catch-up or the first evaluation, on this machine
+    interrupted.send_signal(signal.SIGINT)
+    ctrl_c = interrupted.communicate(timeout=600) + (interrupted.returncode,)
+    (cut,) = (root / "cut").iterdir()
+    for delay in (0.0, 0.7, 1.5):  # after the resumed process writes its first checkpoint
+        written = (cut / "checkpoint.pt").stat().st_mtime_ns
+        process = start_script(["--resume", str(cut)], root)
+        while process.poll() is None and (cut / "checkpoint.pt").stat().st_mtime_ns == written:
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, process.communicate()[1]
+    final = start_script(["--resume", str(cut)], root)
+    assert final.wait(timeout=600) == 0 and straight.wait(timeout=600) == 0, final.communicate()[1] + straight.communicate()[1]
+    (straight_dir,) = (root / "straight").iterdir()
+    return straight_dir, cut, ctrl_c
+
+
+def test_resume_after_interruptions_is_exact(resumed_runs):
+    straight, cut, (stdout, stderr, status) = resumed_runs
+    assert status == 130 and "Traceback" not in stderr
+    assert re.fullmatch(rf"interrupted at step \d+; resume with: python sgqn.py --resume {re.escape(str(cut.relative_to(cut.parent.parent)))}",
+                        stderr.strip().splitlines()[-1]), stderr
+    rows = metric_rows(straight)
+    assert metric_rows(cut) == rows  # every loss, return and evaluation, bit for bit; no row twice
+    assert [r["step"] for r in rows if "mode" in r] == [30, 30, 60, 60]
+    assert sum("episodic_return" in r for r in rows) == 3 and any("aux" in r for r in rows)
+    assert json.loads((cut / "results.json").read_text()) == json.loads((straight / "results.json").read_text())
+    for name in ("frames", "actions", "rewards", "t"):  # the buffer's files: every frame of the run, once
+        assert (cut / "replay" / f"{name}.bin").read_bytes() == (straight / "replay" / f"{name}.bin").read_bytes()
+    assert (straight / "replay" / "t.bin").stat().st_size == 8 * (60 + 4)  # 60 steps, 4 resets (the last after step 60)
+
+
+def test_resume_survives_a_kill_amid_a_checkpoint_write_and_extends(resumed_runs, tmp_path):
+    straight, _, _ = resumed_runs
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    before = (run / "checkpoint.pt").read_bytes()
+    dies_half_way = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import sgqn, pathlib; "
+                     f"sgqn.atomic_write(pathlib.Path({str(run / 'checkpoint.pt')!r}), lambda f: (f.write(b'PK\\3\\4' + bytes(1000)), os._exit(9)))")
+    assert subprocess.run([sys.executable, "-c", dies_half_way]).returncode == 9
+    assert (run / "checkpoint.pt").read_bytes() == before
+    extend = start_script(["--resume", str(run), "--total-timesteps", "64"], tmp_path)  # the finished run, longer
+    stdout, stderr = extend.communicate(timeout=600)
+    assert extend.returncode == 0 and "resumed" in stdout, stderr
+    assert json.loads((run / "results.json").read_text())["step"] == 64
+    rows = metric_rows(run)
+    assert rows[: len(metric_rows(straight))] == metric_rows(straight) and [r["step"] for r in rows if "mode" in r][-2:] == [64, 64]
+
+
+def test_resume_and_eval_only_refuse_other_settings(resumed_runs, tmp_path):
+    straight, _, _ = resumed_runs
+    checkpoint = str(straight / "checkpoint.pt")
+    cases = [
+        (["--resume", str(straight), "--action-repeat", "4"], ["--action-repeat", "differs", "50"]),
+        (["--resume", str(straight), "--batch-size", "128"], ["--batch-size 128 differs"]),  # the default, given explicitly
+        (["--resume", str(tmp_path)], ["--resume", "args.json"]),
+        (["--eval-only", "--checkpoint", checkpoint, "--num-filters", "16"], ["--num-filters", "checkpoint's 8"]),
+        (["--checkpoint", checkpoint, "--eval-modes", "train"], [checkpoint, "--num-filters 8", "does not fit"]),
+    ]
+    for (status, stdout, stderr), (argv, words) in zip(run_cases([argv for argv, _ in cases], tmp_path), cases):
+        assert_one_line_error(status, stdout, stderr, words, 2)
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_then_eval_only(tmp_path, e2e_data_dir):
+    """README's main command trains past the seed steps, evaluates every mode and writes its outputs; --eval-only
+    reloads the checkpoint with its own settings and reproduces the final evaluation exactly."""
+    main_command = shlex.split("python sgqn.py --env-id cartpole --rho 0.98")[2:]
+    out = run_script([*main_command, *TINY.split(), "--capture-video", "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("cartpole__sgsac__rho0.98__seed1__")
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train_rows = [r for r in rows if "td" in r]
+    assert train_rows and all(k in train_rows[-1] for k in ("td", "consistency", "actor", "alpha", "aux", "sps", "frames", "eta_hours"))
+    assert train_rows[-1]["step"] == 10 and train_rows[-1]["frames"] == 500
+    assert {r["mode"] for r in rows if "mode" in r} == set(envs.MODES)
+    for mode in envs.MODES:
+        assert re.search(rf"^{mode}\s+-?[\d.]+\s+[\d.]+\s+1$", out.stdout, re.M), out.stdout
+        picture = imageio.imread(run_dir / f"saliency_{mode}.png")
+        assert picture.shape == (3 * 84 * 2, 4 * 84 * 2, 3)  # 3 frames x (RGB, attribution, mask, prediction)
+        assert (run_dir / f"eval_{mode}.mp4").stat().st_size > 0
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    assert set(results) == set(envs.MODES) and all(r["episodes"] == 1 for r in results.values())
+
+    out = run_script(["--checkpoint", str(run_dir / "checkpoint.pt"), "--eval-only", "--final-eval-episodes", "1",
+                      "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
+    assert "evaluating with the checkpoint's settings: cartpole, action repeat 50" in out.stdout
+    (eval_dir,) = set((tmp_path / "runs").iterdir()) - {run_dir}
+    reloaded = json.loads((eval_dir / "results.json").read_text())
+    assert reloaded["step"] == 10 and f"evaluation at step 10 " in out.stdout
+    assert {m: r["mean"] for m, r in reloaded["results"].items()} == {m: r["mean"] for m, r in results.items()}
+
+
+def test_periodic_evaluation_and_plain_sac(tmp_path):
+    """The ablation switches at 0 give plain SAC (no consistency or aux loss); evaluation runs every eval_freq steps."""
+    run_script(["--env-id", "cartpole", *TINY.split(), "--eval-freq", "4", "--eval-modes", "train",
+                "--consistency-coef", "0", "--aux-update-freq", "0", "--output-dir", str(tmp_path)], tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("cartpole__sac__seed1__")  # no rho: no saliency
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r.get("mode") == "train"] == [4, 8, 10]
+    assert [r for r in rows if "eval_share" in r]
+    last = [r for r in rows if "td" in r][-1]
+    assert "aux" not in last and last["consistency"] == 0.0
+
+
+def test_diverging_losses_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    out = run_script(["--env-id", "cartpole", *TINY.split(), "--total-timesteps", "40", "--checkpoint-freq", "4",
+                      "--critic-lr", "1e30", "--eval-modes", "train", "--output-dir", str(tmp_path)], tmp_path, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert re.fullmatch(r"error: loss \w+ is (nan|inf|-inf) at step (\d+): training diverged; the last good checkpoint \(step 4\) is in .*", last), last
+    (run_dir,) = tmp_path.iterdir()
+    state = sgqn.read_checkpoint(run_dir / "checkpoint.pt")
+    assert state["step"] == 4 and all(math.isfinite(v) for v in state["losses"].values())
+
+
 def test_help_lists_the_switches():
     out = run_script(["--help"], ROOT)
-    for flag in ("--env-id", "--rho", "--consistency-coef", "--aux-update-freq", "--eval-only", "--overlay-dir"):
+    for flag in ("--env-id", "--rho", "--consistency-coef", "--aux-update-freq", "--eval-only", "--overlay-dir",
+                 "--resume", "--checkpoint-freq"):
         assert flag in out.stdout
 
 
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["--rho", "1.5"], "--rho"),
-        (["--rho", "0"], "--rho"),
-        (["--env-id", "cartpol"], "cartpol"),
-        (["--env-id", "walker-fly"], "walker-fly"),
-        (["--overlay-dir", "/no/such/folder"], "--overlay-dir"),
-        (["--eval-only"], "--checkpoint"),
-        (["--eval-modes", "video_medium"], "video_medium"),
-    ],
-)
-def test_bad_input_fails_in_one_line(args, words, tmp_path):
-    out = run_script([*args, "--output-dir", str(tmp_path)], tmp_path, check=False)
-    message = out.stderr.strip()
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr and len(message.splitlines()) == 1, out.stderr
-    assert message.startswith("error:") and words in message
-    assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
+def _bad_argument_cases(tmp_path):
+    """(argv, words the error names): every integer and bounded float flag just out of range, relations between
+    flags, sizes, paths."""
+    cases = []
+    for f in dataclasses.fields(sgqn.Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is int:
+            cases.append(([name, str(sgqn.LOWER_BOUNDS.get(f.name, 1) - 1)], [name, "at least"]))
+        if f.name in sgqn.RANGES:
+            low, high, ends = sgqn.RANGES[f.name]
+            cases.append(([name, str(low if ends[0] == "(" else low - 1)], [name]))
+            if math.isfinite(high):
+                cases.append(([name, str(high if ends[1] == ")" else high + 1)], [name]))
+        elif f.type is float:
+            cases.append(([name, "nan"], [name, "finite"]))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "images").mkdir()
+    iio.imwrite(tmp_path / "images" / "good.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cases += [
+        (["--learning-starts", "10", "--total-timesteps", "10"], ["--learning-starts", "--total-timesteps"]),
+        (["--batch-size", "64", "--learning-starts", "32"], ["--batch-size", "--learning-starts"]),
+        (["--batch-size", "64", "--learning-starts", "100", "--buffer-size", "50"], ["--batch-size", "--buffer-size"]),
+        (["--log-std-min", "2", "--log-std-max", "2"], ["--log-std-min", "--log-std-max"]),
+        (["--num-conv-layers", "4"], ["--num-conv-layers"]),
+        (["--seed", str(2**32)], ["--seed"]),
+        (["--env-id", "cartpol"], ["cartpol"]),
+        (["--env-id", "walker-fly"], ["walker-fly"]),
+        (["--eval-modes", "video_medium"], ["video_medium"]),
+        (["--eval-only"], ["--checkpoint"]),
+        (["--resume", str(tmp_path), "--eval-only"], ["--resume"]),
+        (["--overlay-dir", "/no/such/folder"], ["--overlay-dir"]),
+        (["--overlay-dir", str(tmp_path / "images"), "--overlay-images", "2", "--eval-modes", "train"], ["bad.jpg"]),
+        (["--output-dir", str(tmp_path / "a_file" / "runs")], ["--output-dir", "not a folder"]),
+        (["--output-dir", str(tmp_path / "dangling")], ["--output-dir", "dangling"]),
+        (["--checkpoint", str(tmp_path / "notes.txt"), "--eval-only"], ["notes.txt", "not a checkpoint"]),
+        (["--checkpoint", str(tmp_path / "none.pt")], ["none.pt", "not a file"]),
+    ]
+    return cases
+
+
+def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path):
+    runs = tmp_path / "runs"
+    cases = _bad_argument_cases(tmp_path)
+    results = run_cases([[*argv, *(["--output-dir", str(runs)] if "--output-dir" not in argv else [])] for argv, _ in cases], tmp_path)
+    for (status, stdout, stderr), (argv, words) in zip(results, cases):
+        assert_one_line_error(status, stdout, stderr, words, 2)
+    assert not runs.exists(), "a failed start must not leave a run folder"
+
+
+def test_bad_data_fails_in_one_line_before_any_work(tmp_path, resumed_runs):
+    straight, _, _ = resumed_runs
+    truncated, torch_file = tmp_path / "truncated.pt", tmp_path / "weights.pt"
+    truncated.write_bytes((straight / "checkpoint.pt").read_bytes()[:100_000])
+    torch.save({"critic": {}}, torch_file)
+    data = tmp_path / "data"
+    data.mkdir()
+    source = ENVS_SHARED / "color_hard.pt" if ENVS_HAVE_SHARED else None
+    if source is None:  # synthetic: not DMC-GB's file either, so it is reported as corrupt all the same
+        _envs_write_colors(data / "color_hard.pt", 1)
+    else:
+        good = source.read_bytes()
+        (data / "color_hard.pt").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    runs = tmp_path / "runs"
+    cases = [
+        (["--checkpoint", str(truncated), "--eval-only"], ["truncated.pt", "truncated or corrupt"], 1),
+        (["--checkpoint", str(torch_file), "--eval-only"], ["weights.pt", "not a checkpoint of this sgqn.py"], 2),
+        (["--eval-modes", "train", "color_hard", "video_easy", "--data-dir", str(data)],
+         ["1 corrupt (color_hard.pt)", "10 missing (video_easy/video{0-9}.mp4)", "--data-dir", "--eval-modes train"], 1),
+    ]
+    results = run_cases([[*argv, "--output-dir", str(runs)] for argv, _, _ in cases], tmp_path,
+                        env={"DMCGB_VERIFY": "1", "DMCGB_DOWNLOAD": "0"})
+    for (status, stdout, stderr), (argv, words, expected) in zip(results, cases):
+        assert_one_line_error(status, stdout, stderr, words, expected)
+    assert not runs.exists()
 
 
 def test_readme_commands_parse():
@@ -1446,46 +1767,6 @@ def test_readme_commands_parse():
             tyro.cli(sgqn.Args, args=argv)
     test_command = readme_commands("python -m pytest")
     assert test_command and test_command[0] in (ROOT / ".ci" / "run").read_text()
-
-
-def test_train_then_eval_only(tmp_path, e2e_data_dir):
-    """README's main command trains past the seed steps, evaluates every mode and writes its outputs; --eval-only
-    reloads the checkpoint and reproduces the final evaluation exactly (same seed, deterministic policy)."""
-    main_command = shlex.split("python sgqn.py --env-id cartpole --rho 0.98")[2:]
-    out = run_script([*main_command, *TINY.split(), "--capture-video", "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    train_rows = [r for r in rows if "td" in r]
-    assert train_rows and all(k in train_rows[-1] for k in ("td", "consistency", "actor", "alpha", "aux", "sps", "frames"))
-    assert train_rows[-1]["step"] == 10 and train_rows[-1]["frames"] == 80
-    assert {r["mode"] for r in rows if "mode" in r} == set(envs.MODES)
-    for mode in envs.MODES:
-        assert re.search(rf"^{mode}\s+-?[\d.]+\s+[\d.]+\s+1$", out.stdout, re.M), out.stdout
-        picture = imageio.imread(run_dir / f"saliency_{mode}.png")
-        assert picture.shape == (3 * 84 * 2, 4 * 84 * 2, 3)  # 3 frames x (RGB, attribution, mask, prediction)
-        assert (run_dir / f"eval_{mode}.mp4").stat().st_size > 0
-    results = json.loads((run_dir / "results.json").read_text())["results"]
-    assert set(results) == set(envs.MODES) and all(r["episodes"] == 1 for r in results.values())
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 10
-
-    run_script(["--env-id", "cartpole", "--checkpoint", str(run_dir / "checkpoint.pt"), "--eval-only",
-                "--final-eval-episodes", "1", "--action-repeat", "8", "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
-    (eval_dir,) = set((tmp_path / "runs").iterdir()) - {run_dir}
-    reloaded = json.loads((eval_dir / "results.json").read_text())["results"]
-    assert {m: r["mean"] for m, r in reloaded.items()} == {m: r["mean"] for m, r in results.items()}
-
-
-def test_periodic_evaluation_and_plain_sac(tmp_path):
-    """The ablation switches at 0 give plain SAC (no consistency or aux loss); evaluation runs every eval_freq steps."""
-    run_script(["--env-id", "cartpole", *TINY.split(), "--eval-freq", "4", "--eval-modes", "train",
-                "--consistency-coef", "0", "--aux-update-freq", "0", "--output-dir", str(tmp_path)], tmp_path)
-    (run_dir,) = tmp_path.iterdir()
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert [r["step"] for r in rows if r.get("mode") == "train"] == [4, 8, 10]
-    assert [r for r in rows if "eval_share" in r]
-    last = [r for r in rows if "td" in r][-1]
-    assert "aux" not in last and last["consistency"] == 0.0
 
 
 def test_run_folders_are_never_reused(tmp_path):

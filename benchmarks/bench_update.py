@@ -7,12 +7,11 @@
 Update time: one gradient step at batch 128 with the real network sizes, after warm-up; the median over
 `pairs` of (odd step + even step) / 2, so the every-2-steps parts (actor, temperature, target, aux) are
 amortised. Plain SAC is the same script with both saliency mechanisms off (--consistency-coef 0
---aux-update-freq 0). The plain reference is test_sgqn.reference_update: the same algorithm written the
-straightforward way (separate guided-backprop forward, captum-style module hooks, torch.quantile,
-upsample-then-conv decoder), i.e. what the speed work started from.
+--aux-update-freq 0).
 """
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -84,11 +83,15 @@ def env_speed(modes, steps, data_dir, fill_missing):
     """Agent steps per second on cartpole, random actions, resets included (bench_envs.py does every task and mode)."""
     root = Path(data_dir) if data_dir else envs.resolve_data_dir()
     root = bench_envs.filled_data_dir(root) if fill_missing else root
-    bench_args = bench_envs.Args(steps=steps)
-    runners = {mode: bench_envs.Runner("cartpole", mode, bench_args, root) for mode in modes}
-    for _ in range(bench_args.rounds):  # modes take turns, so background load hits them alike
-        for runner in runners.values():
-            runner.run(steps // bench_args.rounds)
+    try:
+        bench_args = bench_envs.Args(steps=steps)
+        runners = {mode: bench_envs.Runner("cartpole", mode, bench_args, root) for mode in modes}
+        for _ in range(bench_args.rounds):  # modes take turns, so background load hits them alike
+            for runner in runners.values():
+                runner.run(steps // bench_args.rounds)
+    finally:
+        if fill_missing:
+            shutil.rmtree(root)  # symlinks only
     return {mode: steps // bench_args.rounds * bench_args.rounds / runner.seconds for mode, runner in runners.items()}
 
 
@@ -98,12 +101,6 @@ def main(bench):
     print(f"device: {name}; torch {torch.__version__}")
 
     variants = {"SG-SAC": (sgqn.update, {}), "SAC": (sgqn.update, dict(consistency_coef=0.0, aux_update_freq=0))}
-    try:
-        from test_sgqn import reference_update
-
-        variants["SG-SAC, plain reference"] = (reference_update, {})
-    except ImportError:
-        pass
     times = time_updates(variants, device, bench.batch_size, bench.pairs)
     sac = np.median(times["SAC"])
     print(f"\nupdate time, batch {bench.batch_size}, median of {bench.pairs} step pairs; the paired ratio is the median "
