@@ -17,7 +17,8 @@ it builds two losses:
 Usage:
     python sgqn.py --env-id cartpole --rho 0.98          # train, evaluate on every DMC-GB mode
     python sgqn.py --env-id walker-stand --rho 0.95 --consistency-coef 0 --aux-update-freq 0  # plain SAC
-    python sgqn.py --env-id cartpole --checkpoint runs/<run>/checkpoint.pt --eval-only
+    python sgqn.py --resume runs/<run>                   # continue an interrupted run exactly (Ctrl-C saves)
+    python sgqn.py --checkpoint runs/<run>/checkpoint.pt --eval-only   # with the checkpoint's own settings
     python sgqn.py --help
 
 Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
@@ -35,11 +36,14 @@ Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
     500k transitions instead of 60+ GB); the sampled batches are the same.
   - Periodic evaluation uses `eval_episodes` (10) episodes per mode; the final evaluation uses
     `final_eval_episodes` (100), as DMC-GB's published protocol (the authors use 30 throughout).
+  - Adam is fused (one kernel per parameter group): same algorithm, other float rounding.
+  - A run checkpoints everything it depends on and --resume continues it bit for bit; the authors' code cannot.
 """
 
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -516,16 +520,19 @@ def make_agent(obs_shape, action_dim, args, device):
     log_alpha = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
     # the attribution predictor is the critic's encoder and projection + the decoder: its step trains them all
     aux_parameters = [*encoder.parameters(), *critic.projection.parameters(), *decoder.parameters()]
+    # fused: one kernel per parameter group instead of about ten per parameter (a GPU's launch budget); the meta
+    # device, the tests' stand-in for CUDA, has no fused kernel
+    adam = functools.partial(torch.optim.Adam, fused=device.type != "meta")
     return Agent(
         critic=critic,
         critic_target=copy.deepcopy(critic),  # with its own copy of the encoder
         actor=actor,
         decoder=decoder,
         log_alpha=log_alpha,
-        critic_optimizer=torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999)),
-        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=(0.9, 0.999)),
-        alpha_optimizer=torch.optim.Adam([log_alpha], lr=args.alpha_lr, betas=(0.5, 0.999)),
-        aux_optimizer=torch.optim.Adam(aux_parameters, lr=args.aux_lr, betas=(0.9, 0.999)),
+        critic_optimizer=adam(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999)),
+        actor_optimizer=adam(actor.parameters(), lr=args.actor_lr, betas=(0.9, 0.999)),
+        alpha_optimizer=adam([log_alpha], lr=args.alpha_lr, betas=(0.5, 0.999)),
+        aux_optimizer=adam(aux_parameters, lr=args.aux_lr, betas=(0.9, 0.999)),
     )
 
 
@@ -710,7 +717,8 @@ def read_checkpoint(path, source="--checkpoint"):
     """A checkpoint this program wrote, or one line that says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
-        fail(f"{source}: {path} is not a file; give a checkpoint.pt that a run wrote", 2)
+        fix = "the run stopped before its first checkpoint: start it again" if source == "--resume" else "give a checkpoint.pt that a run wrote"
+        fail(f"{source}: {path} is not a file; {fix}", 2)
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
             fail(f"{source}: {path} is not a checkpoint of sgqn.py (not a file torch.save wrote); give a checkpoint.pt that a run wrote", 2)
@@ -724,7 +732,7 @@ def read_checkpoint(path, source="--checkpoint"):
     return state
 
 
-def load_agent(agent, state, path, args):
+def load_agent(agent, state, path):
     """Networks, optimisers and temperature from a checkpoint; one line if it is another task's or other sizes'."""
     trained = args_from(state["args"], path)
     try:
@@ -755,9 +763,10 @@ def make_envs(args):
 
 def make_run_dir(args):
     """A new folder for this run's outputs, named after the algorithm: a run never writes into an earlier run's folder."""
-    saliency = "consistency" if args.consistency_coef > 0 else "" if not args.aux_update_freq else "selfsup"
-    algorithm = "sgsac" if args.consistency_coef > 0 and args.aux_update_freq else f"sac-{saliency}" if saliency else "sac"
-    name = f"{args.env_id}__{algorithm}{f'__rho{args.rho}' if saliency else ''}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    algorithm = {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup", (False, False): "sac"}[
+        args.consistency_coef > 0, args.aux_update_freq > 0]
+    rho = f"__rho{args.rho}" if algorithm != "sac" else ""  # only saliency uses it
+    name = f"{args.env_id}__{algorithm}{rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     for suffix in itertools.count():
         run_dir = Path(args.output_dir) / (f"{name}-{suffix}" if suffix else name)
         try:
@@ -803,18 +812,29 @@ def save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, 
     atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
-def restore(state, buffer, env, eval_envs, rng, run_dir):
-    """Random states, environments, replay buffer and metrics.jsonl as save_checkpoint left them; -> observation."""
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    rng.bit_generator.state = json.loads(state["numpy_rng"])
-    for mode, eval_env in eval_envs.items():
-        eval_env.set_state(state["eval_envs"][mode])
-    buffer.load(run_dir / "replay", state["buffer_added"])
-    with open(run_dir / "metrics.jsonl", "r+b") as f:
-        f.truncate(state["metrics_bytes"])
-    return env.set_state(state["env"])
+def start(args, saved, buffer, env, eval_envs, rng, run_dir):
+    """A new run's first observation, or a resumed run's random states, environments, replay buffer and
+    metrics.jsonl as save_checkpoint left them. -> obs, step, pending, done, episode_return, losses, results."""
+    if not args.resume:
+        write_json(run_dir / "args.json", asdict(args))
+        obs, _ = env.reset()
+        buffer.add(obs[-3:], first=True)
+        return obs, 0, 0, False, 0.0, {}, {}
+    try:
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        rng.bit_generator.state = json.loads(saved["numpy_rng"])
+        for mode, eval_env in eval_envs.items():
+            eval_env.set_state(saved["eval_envs"][mode])
+        buffer.load(run_dir / "replay", saved["buffer_added"])
+        with open(run_dir / "metrics.jsonl", "r+b") as f:
+            f.truncate(saved["metrics_bytes"])
+        obs = env.set_state(saved["env"])
+    except (OSError, KeyError, ValueError) as e:
+        fail(f"--resume {run_dir}: its checkpoint does not fit its other files ({type(e).__name__}: {e}); start a new run")
+    print(f"resumed {run_dir} at step {saved['step']} of {args.total_timesteps}")
+    return obs, *(saved[k] for k in ("step", "pending", "done", "episode_return", "losses", "results"))
 
 
 def catch_stop_signals():
@@ -841,6 +861,26 @@ def finite_losses(losses, step, saved_step, run_dir):
             kept = f"the last good checkpoint (step {saved_step}) is in {run_dir}" if saved_step is not None else "no checkpoint was written"
             fail(f"loss {name} is {value} at step {step}: training diverged; {kept}")
     return values
+
+
+def restore_signals():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def evaluate_checkpoint(args, saved, eval_envs, agent, run_dir, metrics, stop):
+    """--eval-only: the final evaluation of a checkpoint into a new run folder."""
+    try:
+        results, _ = run_evaluation(saved["step"], args.final_eval_episodes, True, eval_envs, agent, args, run_dir, metrics, stop)
+    except KeyboardInterrupt:
+        print(f"interrupted; the evaluation's outputs so far are in {run_dir}", file=sys.stderr)
+        raise SystemExit(128 + stop["signal"]) from None
+    finally:
+        metrics.close()
+        restore_signals()
+    write_json(run_dir / "results.json", dict(checkpoint=str(args.checkpoint), step=saved["step"], results=results))
+    print(f"results written to {run_dir}")
+    return run_dir
 
 
 def resume_hint(run_dir, saved_step):
@@ -889,7 +929,7 @@ def main(args):
     obs_shape, action_dim = env.observation_shape, env.action_shape[0]
     agent = make_agent(obs_shape, action_dim, args, device)
     if saved:
-        load_agent(agent, saved, checkpoint, args)
+        load_agent(agent, saved, checkpoint)
     overlay = None if args.eval_only else (
         load_images(args.overlay_dir, args.overlay_images, obs_shape[-1], rng)
         if args.overlay_dir
@@ -900,20 +940,9 @@ def main(args):
     run_dir = Path(args.resume) if args.resume else make_run_dir(args)  # everything is checked: the run starts
     metrics = open(run_dir / "metrics.jsonl", "a")
     if args.eval_only:
-        results, _ = run_evaluation(saved["step"], args.final_eval_episodes, True, eval_envs, agent, args, run_dir, metrics, stop)
-        write_json(run_dir / "results.json", dict(checkpoint=str(args.checkpoint), step=saved["step"], results=results))
-        print(f"results written to {run_dir}")
-        return run_dir
+        return evaluate_checkpoint(args, saved, eval_envs, agent, run_dir, metrics, stop)
 
-    if args.resume:
-        obs = restore(saved, buffer, env, eval_envs, rng, run_dir)
-        step, pending, done, episode_return, losses, results = (saved[k] for k in ("step", "pending", "done", "episode_return", "losses", "results"))
-        print(f"resumed {run_dir} at step {step} of {args.total_timesteps}")
-    else:
-        write_json(run_dir / "args.json", asdict(args))
-        obs, _ = env.reset()
-        buffer.add(obs[-3:], first=True)
-        step, pending, done, episode_return, losses, results = 0, 0, False, 0.0, {}, {}
+    obs, step, pending, done, episode_return, losses, results = start(args, saved, buffer, env, eval_envs, rng, run_dir)
     print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
     saved_step, start_time, first_step, eval_seconds = step if args.resume else None, time.time(), step, 0.0
     try:
@@ -979,8 +1008,7 @@ def main(args):
              f"{run_dir}{resume_hint(run_dir, saved_step)}")
     finally:
         metrics.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        restore_signals()
     write_json(run_dir / "results.json", dict(step=args.total_timesteps, results=results))
     print(f"results written to {run_dir}")
     return run_dir

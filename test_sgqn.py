@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import math
 import operator
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import envs
 import sgqn
@@ -1210,6 +1212,33 @@ def test_update_runs_on_meta_device(switches):
     assert all(x.device == meta and x.shape[1:] == OBS_SHAPE for x in outputs)
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the operations dispatched to kernels (views excluded): on a GPU each is a launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("switches, budget", [({}, 730), (dict(consistency_coef=0.0, aux_update_freq=0), 400)])
+def test_update_dispatches_few_operations(switches, budget):
+    """Per update (an odd and an even step, halved), after the optimisers' first step; deterministic, so a change
+    that adds operations (a per-parameter loop, an unfused optimiser) shows here. Counted at the change that
+    added this test: 532.5 (SG-SAC) and 288 (SAC)."""
+    agent, args = make_agent(**switches)
+    batch, overlay = make_batch(b=2)
+    for step in (1, 2):
+        sgqn.update(agent, batch, step, args, overlay)
+    with _CountOps() as ops:
+        for step in (3, 4):
+            sgqn.update(agent, batch, step, args, overlay)
+    assert ops.count / 2 <= budget
+
+
 # ---------------------------------------------------------------- 9. plain reference step
 def _q_values(net, obs, action):
     h = torch.cat([net.projection(net.encoder(obs)), action], 1)
@@ -1765,6 +1794,12 @@ def test_readme_commands_parse():
         argv = [a if "<" not in a else "x" for a in shlex.split(command)[2:]]
         if "--help" not in argv:
             tyro.cli(sgqn.Args, args=argv)
+    for command in readme_commands("python benchmarks/"):  # the benchmarks' flags parse too
+        script, *argv = shlex.split(command)[1:]
+        spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tyro.cli(getattr(module, "Bench", None) or module.Args, args=argv)
     test_command = readme_commands("python -m pytest")
     assert test_command and test_command[0] in (ROOT / ".ci" / "run").read_text()
 

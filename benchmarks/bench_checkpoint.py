@@ -1,7 +1,7 @@
 """Cost of one checkpoint at the paper's sizes (not a test).
 
     python benchmarks/bench_checkpoint.py
-    python benchmarks/bench_checkpoint.py --checkpoint-freq 5000 --steps-per-second 0.4 9 100
+    python benchmarks/bench_checkpoint.py --checkpoint-freq 1000 --steps-per-second 50
 
 A checkpoint writes the networks, optimisers, random and environment states with one atomic torch.save, and
 appends the frames added since the previous checkpoint to the run folder's replay files. The replay buffer here
@@ -36,8 +36,8 @@ class Bench:
     """replay capacity in frames (the paper's)"""
     repeats: int = 5
     """checkpoints timed"""
-    steps_per_second: tuple[float, ...] = (0.4, 9.0, 100.0)
-    """training speeds to express the cost at: this CPU's, the authors' RTX 3090, the GPU goal"""
+    steps_per_second: tuple[float, ...] = (0.37, 9.0, 100.0)
+    """training speeds to express the cost at: README's 2-core CPU, the authors' RTX 3090 (paper), a GPU goal"""
     output_dir: str | None = None
     """where to write (default: a temporary folder)"""
 
@@ -72,7 +72,8 @@ def main(bench):
         on_disk = sum(p.stat().st_blocks * 512 for p in (run_dir / "replay").iterdir())
     median = float(np.median(seconds))
     print(f"checkpoint at the paper's sizes: {median:.2f} s (median of {bench.repeats}, range {min(seconds):.2f}-{max(seconds):.2f} s); "
-          f"checkpoint.pt {size / 1e6:.0f} MB, {bench.checkpoint_freq} new frames appended ({on_disk / 1e6:.0f} MB written to replay/)")
+          f"checkpoint.pt {size / 1e6:.0f} MB, and {bench.checkpoint_freq} new frames appended to replay/ "
+          f"({on_disk / (bench.repeats + 1) / 1e6:.0f} MB each time)")
     print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
     for rate in bench.steps_per_second:
         between = bench.checkpoint_freq / rate

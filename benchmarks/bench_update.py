@@ -1,15 +1,20 @@
 """Speed of SG-SAC against plain SAC on the current device (not a test).
 
-    python benchmarks/bench_update.py                        # update times, env steps/s, end-to-end steps/s
-    python benchmarks/bench_update.py --data-dir ../shared/dmcgb --fill-missing
-    python benchmarks/bench_update.py --env-steps 0 --pairs 15  # update times only
+    python benchmarks/bench_update.py                        # batch 128: updates, operations, env, end to end
+    python benchmarks/bench_update.py --batch-size 32 --threads 1 --env-steps 0   # the CPU learning-run regime
+    python benchmarks/bench_update.py --data-dir ../shared/dmcgb --fill-missing    # with a partial DMC-GB copy
 
-Update time: one gradient step at batch 128 with the real network sizes, after warm-up; the median over
-`pairs` of (odd step + even step) / 2, so the every-2-steps parts (actor, temperature, target, aux) are
-amortised. Plain SAC is the same script with both saliency mechanisms off (--consistency-coef 0
---aux-update-freq 0).
+Update time: one gradient step with the real network sizes, after warm-up; the median over `pairs` of
+(odd step + even step) / 2, so the every-2-steps parts (actor, temperature, target, aux) are amortised. Plain
+SAC is the same script with both saliency mechanisms off (--consistency-coef 0 --aux-update-freq 0).
+Operations: those dispatched to kernels per update (views excluded), what a GPU pays a launch for.
+End to end: sgqn.main on cartpole at action repeat 8, `e2e_batch_size` seed steps then one update per step for
+as many steps, with one evaluation episode on train and video_hard halfway: training agent steps per second and
+the share of the run's time spent evaluating.
 """
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -35,10 +41,12 @@ class Bench:
     """timed (odd, even) step pairs per variant, after one warm-up pair"""
     batch_size: int = 128
     """batch size of the update"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
     env_steps: int = 200
-    """agent steps per environment mode (0: time the updates only)"""
-    train_steps: int = 30
-    """agent steps of the end-to-end run (updates start after 10 seed steps)"""
+    """agent steps per environment mode, and run the end-to-end part (0: updates and operations only)"""
+    e2e_batch_size: int = 32
+    """batch size, seed steps and training steps of the end-to-end runs"""
     data_dir: str | None = None
     """DMC-GB data for the video_hard speed (default: envs.py's lookup)"""
     fill_missing: bool = False
@@ -79,23 +87,45 @@ def time_updates(variants, device, batch_size, pairs):
     return {label: np.array(t) for label, t in times.items()}
 
 
-def env_speed(modes, steps, data_dir, fill_missing):
+def env_speed(modes, steps, data_dir):
     """Agent steps per second on cartpole, random actions, resets included (bench_envs.py does every task and mode)."""
-    root = Path(data_dir) if data_dir else envs.resolve_data_dir()
-    root = bench_envs.filled_data_dir(root) if fill_missing else root
-    try:
-        bench_args = bench_envs.Args(steps=steps)
-        runners = {mode: bench_envs.Runner("cartpole", mode, bench_args, root) for mode in modes}
-        for _ in range(bench_args.rounds):  # modes take turns, so background load hits them alike
-            for runner in runners.values():
-                runner.run(steps // bench_args.rounds)
-    finally:
-        if fill_missing:
-            shutil.rmtree(root)  # symlinks only
+    bench_args = bench_envs.Args(steps=steps)
+    runners = {mode: bench_envs.Runner("cartpole", mode, bench_args, data_dir) for mode in modes}
+    for _ in range(bench_args.rounds):  # modes take turns, so background load hits them alike
+        for runner in runners.values():
+            runner.run(steps // bench_args.rounds)
     return {mode: steps // bench_args.rounds * bench_args.rounds / runner.seconds for mode, runner in runners.items()}
 
 
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(switches, device):
+    """Operations per update (an odd and an even step, halved), after the optimisers' first step."""
+    torch.manual_seed(0)
+    args = sgqn.Args(**switches)
+    agent = sgqn.make_agent((9, 84, 84), 6, args, device)
+    overlay = sgqn.procedural_images(4, 84, torch.Generator().manual_seed(0)).to(device)
+    batch = (torch.rand(4, 9, 84, 84, device=device) * 255, torch.rand(4, 6, device=device), torch.rand(4, 1, device=device),
+             torch.rand(4, 9, 84, 84, device=device) * 255)
+    for step in (1, 2):
+        sgqn.update(agent, batch, step, args, overlay)
+    with CountOps() as ops:
+        for step in (3, 4):
+            sgqn.update(agent, batch, step, args, overlay)
+    return ops.count / 2
+
+
 def main(bench):
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
     device = torch.device("cuda" if bench.cuda and torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
@@ -108,21 +138,41 @@ def main(bench):
     for label, seconds in times.items():
         print(f"  {label:<26}{np.median(seconds) * 1000:9.1f} ms   {np.median(seconds) / sac:5.2f} x SAC   "
               f"paired {np.median(seconds / times['SAC']):5.2f}   range {seconds.min() * 1000:.0f}-{seconds.max() * 1000:.0f} ms")
+    print("\noperations dispatched per update (views excluded)")
+    for label, (_, switches) in variants.items():
+        print(f"  {label:<26}{count_operations(switches, device):9.1f}")
     if not bench.env_steps:
         return
 
-    speed = env_speed(("train", "video_hard"), bench.env_steps, bench.data_dir, bench.fill_missing)
+    data_dir = Path(bench.data_dir) if bench.data_dir else envs.resolve_data_dir()
+    if bench.fill_missing:
+        data_dir = bench_envs.filled_data_dir(data_dir)
+    try:
+        end_to_end(bench, data_dir, variants)
+    finally:
+        if bench.fill_missing:
+            shutil.rmtree(data_dir)  # symlinks only
+
+
+def end_to_end(bench, data_dir, variants):
+    speed = env_speed(("train", "video_hard"), bench.env_steps, data_dir)
     print(f"\nenvironment, cartpole, {bench.env_steps} agent steps at action repeat 4 after a warm-up episode")
     for mode, steps_per_second in speed.items():
         print(f"  {mode:<12}{steps_per_second:8.1f} steps/s   {steps_per_second / speed['train']:.2f} x train")
 
-    with tempfile.TemporaryDirectory() as out:
-        args = sgqn.Args(env_id="cartpole", total_timesteps=bench.train_steps, learning_starts=10, eval_freq=10**9,
-                         eval_modes=("train",), final_eval_episodes=1, output_dir=out, cuda=bench.cuda)
-        run_dir = sgqn.main(args)
-        last = [row for row in map(json.loads, open(run_dir / "metrics.jsonl")) if "sps" in row][-1]
-        print(f"\nend to end, cartpole: {last['sps']:.2f} agent steps/s over {bench.train_steps} steps with as many "
-              f"updates (environment, sampling, augmentation and update; set-up and evaluation excluded)")
+    b = bench.e2e_batch_size
+    print(f"\nend to end, cartpole at action repeat 8: {b} seed steps, then {b} steps with one update each (batch {b}), "
+          f"one evaluation episode on train and video_hard at step {b + b // 2}")
+    for label, (_, switches) in variants.items():
+        with tempfile.TemporaryDirectory() as out:
+            args = sgqn.Args(env_id="cartpole", action_repeat=8, batch_size=b, learning_starts=b, total_timesteps=2 * b,
+                             eval_freq=b + b // 2, eval_episodes=1, final_eval_episodes=1, eval_modes=("train", "video_hard"),
+                             data_dir=str(data_dir), output_dir=out, cuda=bench.cuda, **switches)
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_dir = sgqn.main(args)
+            last = [row for row in map(json.loads, open(run_dir / "metrics.jsonl")) if "sps" in row][-1]
+        print(f"  {label:<26}{last['sps']:9.2f} agent steps/s (training)   evaluation {100 * last['eval_share']:.0f}% of the run's time")
+
 
 if __name__ == "__main__":
     main(tyro.cli(Bench))
