@@ -1514,8 +1514,9 @@ def run_script(args, cwd, check=True):
 
 
 def start_script(args, cwd):
-    """sgqn.py in the background, one thread (so that two runs side by side compute alike), stdout unbuffered."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """sgqn.py in the background, one thread (so that two runs side by side compute alike), stdout unbuffered, on the
+    tests' unverified data folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMCGB_VERIFY": "0"}
     return subprocess.Popen([sys.executable, "-u", str(ROOT / "sgqn.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -1574,7 +1575,6 @@ def resumed_runs(tmp_path_factory, e2e_data_dir):
     """The same small run twice, side by side: straight through, and interrupted (Ctrl-C once, then SIGKILL at
     several moments, each followed by --resume). -> (straight run folder, interrupted run folder, the Ctrl-C output)."""
     root = tmp_path_factory.mktemp("resume")
-    os.environ["DMCGB_VERIFY"] = "0"  # (module scope: the autouse fixture has not run yet)
     args = [*RESUMABLE.split(), "--data-dir", str(e2e_data_dir)]
     straight = start_script([*args, "--output-dir", "straight"], root)
     interrupted = start_script([*args, "--output-dir", "cut"], root)
