@@ -24,8 +24,14 @@ Rebuilds the environment SGQN trains and is tested on: DMC-GB's src/env/wrappers
 
 The test modes need DMC-GB's src/env/data files (color_*.pt, video_*/video*.mp4), looked up in `data_dir`,
 else $DMCGB_DATA_DIR, else ${XDG_CACHE_HOME:-~/.cache}/sgqn/dmcgb. Missing files are downloaded there from
-the pinned commit ($DMCGB_URL replaces the base URL, DMCGB_DOWNLOAD=0 forbids downloading) and each is
-checked against its git blob id before it is used.
+the pinned commit ($DMCGB_URL replaces the base URL, DMCGB_DOWNLOAD=0 forbids downloading), and every file is
+checked against its git blob id before it is used (a stamp file .verified.json remembers what passed, by size
+and mtime; DMCGB_VERIFY=0 skips the check, for scenes of your own). ensure_data(modes, root) does this for
+several modes at once and names every missing and corrupt file in one DataError.
+
+env.get_state() and env.set_state(state) save and restore everything an env's future depends on (MuJoCo's
+integration state, the frame stack, the task's, colour and video draws), mid-episode too, so that a run can
+be resumed exactly.
 
 Where we differ from DMC-GB, and why:
 - Videos are decoded with imageio's ffmpeg, DMC-GB uses OpenCV: the two may differ in the last bit of the
