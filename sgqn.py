@@ -837,10 +837,11 @@ def start(args, saved, buffer, env, eval_envs, rng, run_dir):
     return obs, *(saved[k] for k in ("step", "pending", "done", "episode_return", "losses", "results"))
 
 
-def catch_stop_signals():
+def catch_stop_signals(args):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the first asks the training loop to save a checkpoint and stop at
-    its next safe point; a second one, or one during an evaluation (which follows a checkpoint), stops at once."""
-    stop = dict(requested=False, signal=signal.SIGINT, defer=True)
+    its next safe point; a second one, one during an evaluation (which follows a checkpoint) or with --eval-only
+    (nothing to save) stops at once."""
+    stop = dict(requested=False, signal=signal.SIGINT, defer=not args.eval_only)
 
     def handler(signum, frame):
         stop["signal"] = signum
@@ -896,6 +897,8 @@ def run_evaluation(step, episodes, final, eval_envs, agent, args, run_dir, metri
     """Every mode; rows into metrics.jsonl, a table on stdout and, at the end, the saliency pictures. -> results."""
     start, results, device = time.time(), {}, agent.log_alpha.device
     stop["defer"] = False  # nothing to save here: a checkpoint precedes every evaluation
+    if stop["requested"]:
+        raise KeyboardInterrupt
     for mode, eval_env in eval_envs.items():
         frames = []
         returns = evaluate(eval_env, agent.critic.encoder, agent.actor, episodes, device, frames_out=frames)
@@ -907,7 +910,7 @@ def run_evaluation(step, episodes, final, eval_envs, agent, args, run_dir, metri
             if args.capture_video:
                 clip = [saliency_picture(agent.critic, agent.decoder, agent.actor, f, args.rho)[-84:] for f in frames]  # newest frame's row
                 iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(4, 1).repeat(4, 2), fps=25)  # x4: 16-pixel blocks
-    stop["defer"] = True
+    stop["defer"] = not args.eval_only
     seconds = time.time() - start
     log(metrics, step=step, eval_seconds=seconds)
     print(f"\nevaluation at step {step} ({seconds:.0f} s)\n{'mode':<12}{'mean':>9}{'std':>9}{'episodes':>10}")
@@ -936,7 +939,7 @@ def main(args):
         else procedural_images(args.overlay_images, obs_shape[-1], torch.Generator().manual_seed(args.seed))
     ).to(device)
     buffer = ReplayBuffer(args.buffer_size, (3, *obs_shape[1:]), action_dim, args.frame_stack)
-    stop = catch_stop_signals()
+    stop = catch_stop_signals(args)
     run_dir = Path(args.resume) if args.resume else make_run_dir(args)  # everything is checked: the run starts
     metrics = open(run_dir / "metrics.jsonl", "a")
     if args.eval_only:
@@ -961,6 +964,8 @@ def main(args):
                 episode_return, done = episode_return + reward, terminated or truncated
                 # after the seed steps, catch up with one update per collected step, then one update per step
                 pending = args.learning_starts if global_step == args.learning_starts else int(global_step > args.learning_starts)
+                if global_step == args.learning_starts:
+                    print(f"step {global_step}: seed steps done, catching up with {pending} updates", flush=True)
             while pending and not stop["requested"]:
                 b_obs, b_action, b_reward, b_next_obs = buffer.sample(args.batch_size, rng)
                 batch = (

@@ -1483,7 +1483,7 @@ def test_load_images_grey_alpha_png(tmp_path):
 ROOT = Path(__file__).resolve().parent
 TINY = "--total-timesteps 10 --learning-starts 8 --batch-size 8 --overlay-images 64 --eval-freq 1000 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 50"
 # small networks, a replay buffer smaller than the run, checkpoints amid episodes, a colour and a video test mode
-RESUMABLE = ("--env-id cartpole --total-timesteps 60 --learning-starts 8 --batch-size 4 --buffer-size 25 --eval-freq 30 "
+RESUMABLE = ("--env-id cartpole --total-timesteps 60 --learning-starts 24 --batch-size 4 --buffer-size 25 --eval-freq 30 "
              "--checkpoint-freq 7 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 50 --num-filters 8 --hidden-dim 32 "
              "--overlay-images 16 --eval-modes color_hard video_hard")
 TIMINGS = {"sps", "eta_hours", "eval_seconds", "eval_share"}
@@ -1556,18 +1556,18 @@ def e2e_data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resumed_runs(tmp_path_factory, e2e_data_dir):
     """The same small run twice, side by side: straight through, and interrupted (Ctrl-C once, then SIGKILL at
-    several moments, each followed by --resume). -> (straight run folder, interrupted run folder, the Ctrl-C output)."""
+    several moments, each followed by --resume). -> (straight run folder, interrupted run folder, the Ctrl-C output
+    and the updates its checkpoint had still to do)."""
     root = tmp_path_factory.mktemp("resume")
     args = [*RESUMABLE.split(), "--data-dir", str(e2e_data_dir)]
     straight = start_script([*args, "--output-dir", "straight"], root)
     interrupted = start_script([*args, "--output-dir", "cut"], root)
     for line in interrupted.stdout:
-        if line.startswith("run folder:"):  # signal handlers are in place
+        if "catching up with 24 updates" in line:
             break
-    time.sleep(3)  # amid the seed steps' catch-up or the first evaluation, on this machine
-    interrupted.send_signal(signal.SIGINT)
-    ctrl_c = interrupted.communicate(timeout=600) + (interrupted.returncode,)
+    interrupted.send_signal(signal.SIGINT)  # amid the catch-up: the checkpoint holds a step with updates to do
     (cut,) = (root / "cut").iterdir()
+    ctrl_c = interrupted.communicate(timeout=600) + (interrupted.returncode, sgqn.read_checkpoint(cut / "checkpoint.pt")["pending"])
     for delay in (0.0, 0.7, 1.5):  # after the resumed process writes its first checkpoint
         written = (cut / "checkpoint.pt").stat().st_mtime_ns
         process = start_script(["--resume", str(cut)], root)
@@ -1583,9 +1583,9 @@ def resumed_runs(tmp_path_factory, e2e_data_dir):
 
 
 def test_resume_after_interruptions_is_exact(resumed_runs):
-    straight, cut, (stdout, stderr, status) = resumed_runs
-    assert status == 130 and "Traceback" not in stderr
-    assert re.fullmatch(rf"interrupted at step \d+; resume with: python sgqn.py --resume {re.escape(str(cut.relative_to(cut.parent.parent)))}",
+    straight, cut, (stdout, stderr, status, pending) = resumed_runs
+    assert status == 130 and "Traceback" not in stderr and 0 < pending < 24  # stopped amid the catch-up
+    assert re.fullmatch(rf"interrupted at step 24; resume with: python sgqn.py --resume {re.escape(str(cut.relative_to(cut.parent.parent)))}",
                         stderr.strip().splitlines()[-1]), stderr
     rows = metric_rows(straight)
     assert metric_rows(cut) == rows  # every loss, return and evaluation, bit for bit; no row twice
