@@ -974,7 +974,7 @@ def main(args):
                     torch.as_tensor(b_reward, device=device)[:, None],  # (B, 1)
                     random_shift(torch.as_tensor(b_next_obs, device=device), args.shift_pad).float(),
                 )
-                losses = update(agent, batch, global_step, args, overlay)
+                losses.update(update(agent, batch, global_step, args, overlay))  # the every-2-steps losses stay until renewed
                 pending -= 1
 
             stopping, final = stop["requested"], global_step == args.total_timesteps

@@ -1660,13 +1660,15 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
 
 def test_periodic_evaluation_and_plain_sac(tmp_path):
     """The ablation switches at 0 give plain SAC (no consistency or aux loss); evaluation runs every eval_freq steps."""
-    run_script(["--env-id", "cartpole", *TINY.split(), "--eval-freq", "4", "--eval-modes", "train",
+    run_script(["--env-id", "cartpole", *TINY.split(), "--eval-freq", "3", "--eval-modes", "train",
                 "--consistency-coef", "0", "--aux-update-freq", "0", "--output-dir", str(tmp_path)], tmp_path)
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("cartpole__sac__seed1__")  # no rho: no saliency
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert [r["step"] for r in rows if r.get("mode") == "train"] == [4, 8, 10]
+    assert [r["step"] for r in rows if r.get("mode") == "train"] == [3, 6, 9, 10]
     assert [r for r in rows if "eval_share" in r]
+    odd = [r for r in rows if r["step"] == 9 and "td" in r][0]
+    assert "actor" in odd  # an odd step logs the last actor loss too
     last = [r for r in rows if "td" in r][-1]
     assert "aux" not in last and last["consistency"] == 0.0
 
