@@ -1654,7 +1654,7 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
     assert "evaluating with the checkpoint's settings: cartpole, action repeat 50" in out.stdout
     (eval_dir,) = set((tmp_path / "runs").iterdir()) - {run_dir}
     reloaded = json.loads((eval_dir / "results.json").read_text())
-    assert reloaded["step"] == 10 and f"evaluation at step 10 " in out.stdout
+    assert reloaded["step"] == 10 and "evaluation at step 10 " in out.stdout
     assert {m: r["mean"] for m, r in reloaded["results"].items()} == {m: r["mean"] for m, r in results.items()}
 
 
