@@ -571,6 +571,7 @@ def update(agent, batch, step, args, overlay):
         masked_q1, masked_q2 = critic(mask_observation(obs, saliency), action)
         losses["consistency"] = F.mse_loss(q1, masked_q1) + F.mse_loss(q2, masked_q2)  # Q(s) is not detached
     losses["td"] = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+    losses["q"] = q1.mean()  # the critic's scale, for the logs (at most action_repeat / (1 - gamma) in DMC)
     critic_loss = losses["td"] + args.consistency_coef * losses["consistency"]
     agent.critic_optimizer.zero_grad(set_to_none=True)
     critic_loss.backward(inputs=list(critic.parameters()))  # no gradient for obs
@@ -949,7 +950,9 @@ def main(args):
     print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
     saved_step, start_time, first_step, eval_seconds = step if args.resume else None, time.time(), step, 0.0
     try:
-        if args.resume and not pending and (step == args.total_timesteps or step % args.eval_freq == 0):
+        # a new run evaluates the untrained agent at step 0 (as DMC-GB's train.py); a resumed run redoes the
+        # evaluation that its checkpoint preceded
+        if not pending and (step == args.total_timesteps or step % args.eval_freq == 0):
             results, eval_seconds = run_evaluation(step, args.final_eval_episodes if step == args.total_timesteps else args.eval_episodes,
                                                    step == args.total_timesteps, eval_envs, agent, args, run_dir, metrics, stop)
         for global_step in range(step + (0 if pending else 1), args.total_timesteps + 1):
@@ -982,8 +985,10 @@ def main(args):
             if not pending and (done or evaluating):
                 elapsed = time.time() - start_time
                 sps = (global_step - first_step) / max(elapsed - eval_seconds, 1e-9)  # training only
-                row = dict(step=global_step, frames=global_step * args.action_repeat, sps=sps, eval_share=eval_seconds / elapsed,
-                           eta_hours=(args.total_timesteps - global_step) / max(sps, 1e-9) / 3600,  # evaluations not included
+                eval_share = eval_seconds / elapsed
+                row = dict(step=global_step, frames=global_step * args.action_repeat, sps=sps, elapsed_hours=elapsed / 3600,
+                           eval_share=eval_share,  # hours left at this training speed and this share of time evaluating:
+                           eta_hours=(args.total_timesteps - global_step) / max(sps, 1e-9) / max(1 - eval_share, 0.01) / 3600,
                            **finite_losses(losses, global_step, saved_step, run_dir))
                 if done:
                     row["episodic_return"] = episode_return

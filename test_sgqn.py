@@ -1136,7 +1136,7 @@ def test_update_actor_step_leaves_convs_critic_and_aux_steps_move_them():
     agent, args = make_agent(actor_update_freq=2, aux_update_freq=0)
     convs, actor_before, target_before = conv_weights(agent), snapshot(agent.actor), snapshot(agent.critic_target)
     losses = sgqn.update(agent, batch, 1, args, overlay)
-    assert set(losses) == {"td", "consistency"}
+    assert set(losses) == {"td", "q", "consistency"}
     assert all(not torch.equal(a, b) for a, b in zip(convs, conv_weights(agent)))
     assert same(actor_before, snapshot(agent.actor)) and same(target_before, snapshot(agent.critic_target))
     # aux step only: critic lr 0, convs, critic projection and decoder move; Q heads do not
@@ -1184,7 +1184,7 @@ def test_update_no_hooks_finite_losses_channels_last_batch():
     for step in (1, 2):
         losses = sgqn.update(agent, (obs, action, reward, next_obs), step, args, overlay)
         assert all(torch.isfinite(v).all() for v in losses.values())
-    assert set(losses) == {"td", "consistency", "actor", "alpha_loss", "alpha", "aux"}
+    assert set(losses) == {"td", "q", "consistency", "actor", "alpha_loss", "alpha", "aux"}
     assert losses["consistency"] > 0
     assert_no_hooks(agent.critic, agent.critic_target, agent.actor, agent.decoder)
 
@@ -1264,7 +1264,7 @@ def reference_update(agent, batch, step, args, overlay):
         masked[mask < 1] = fill
         masked_q1, masked_q2 = _q_values(critic, masked, action)
         consistency = F.mse_loss(q1, masked_q1) + F.mse_loss(q2, masked_q2)
-    losses["td"], losses["consistency"] = td, consistency
+    losses["td"], losses["q"], losses["consistency"] = td, q1.mean(), consistency
     critic_loss = td + args.consistency_coef * consistency
     agent.critic_optimizer.zero_grad()
     critic_loss.backward()
@@ -1324,7 +1324,7 @@ def _compare_with_reference(dtype, batch_seed, **config):
         assert set(got) == set(want), step
         for k in want:
             torch.testing.assert_close(got[k].detach().double(), want[k].double(), rtol=1e-4, atol=1e-7, msg=f"step {step} loss {k}")
-    assert {"td", "consistency", "actor", "alpha_loss", "alpha", "aux"} == set(got)
+    assert {"td", "q", "consistency", "actor", "alpha_loss", "alpha", "aux"} == set(got)
     assert_no_hooks(fast.critic, fast.critic_target, fast.actor, fast.decoder)
     # the comparison is not vacuous: encoder and decoder moved
     start, _ = make_agent(seed=9)
@@ -1486,7 +1486,7 @@ TINY = "--total-timesteps 10 --learning-starts 8 --batch-size 8 --overlay-images
 RESUMABLE = ("--env-id cartpole --total-timesteps 60 --learning-starts 24 --batch-size 4 --buffer-size 25 --eval-freq 30 "
              "--checkpoint-freq 7 --eval-episodes 1 --final-eval-episodes 1 --action-repeat 50 --num-filters 8 --hidden-dim 32 "
              "--overlay-images 16 --eval-modes color_hard video_hard")
-TIMINGS = {"sps", "eta_hours", "eval_seconds", "eval_share"}
+TIMINGS = {"sps", "elapsed_hours", "eta_hours", "eval_seconds", "eval_share"}
 
 
 def run_script(args, cwd, check=True):
@@ -1589,7 +1589,7 @@ def test_resume_after_interruptions_is_exact(resumed_runs):
                         stderr.strip().splitlines()[-1]), stderr
     rows = metric_rows(straight)
     assert metric_rows(cut) == rows  # every loss, return and evaluation, bit for bit; no row twice
-    assert [r["step"] for r in rows if "mode" in r] == [30, 30, 60, 60]
+    assert [r["step"] for r in rows if "mode" in r] == [0, 0, 30, 30, 60, 60]
     assert sum("episodic_return" in r for r in rows) == 3 and any("aux" in r for r in rows)
     assert json.loads((cut / "results.json").read_text()) == json.loads((straight / "results.json").read_text())
     for name in ("frames", "actions", "rewards", "t"):  # the buffer's files: every frame of the run, once
@@ -1631,7 +1631,8 @@ def test_resume_and_eval_only_refuse_other_settings(resumed_runs, tmp_path):
 
 def test_train_then_eval_only(tmp_path, e2e_data_dir):
     """README's main command trains past the seed steps, evaluates every mode and writes its outputs; --eval-only
-    reloads the checkpoint with its own settings and reproduces the final evaluation exactly."""
+    reloads the checkpoint with its own settings: its returns are those of the checkpoint's weights evaluated here on
+    new test envs (the run's own final evaluation came after its step-0 one, on later episodes)."""
     main_command = shlex.split("python sgqn.py --env-id cartpole --rho 0.98")[2:]
     out = run_script([*main_command, *TINY.split(), "--capture-video", "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -1655,18 +1656,33 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
     (eval_dir,) = set((tmp_path / "runs").iterdir()) - {run_dir}
     reloaded = json.loads((eval_dir / "results.json").read_text())
     assert reloaded["step"] == 10 and "evaluation at step 10 " in out.stdout
-    assert {m: r["mean"] for m, r in reloaded["results"].items()} == {m: r["mean"] for m, r in results.items()}
+    saved = sgqn.read_checkpoint(run_dir / "checkpoint.pt")
+    _, eval_envs = sgqn.make_envs(sgqn.Args(**{**saved["args"], "data_dir": str(e2e_data_dir)}))
+    agent = sgqn.make_agent((9, 84, 84), 1, sgqn.Args(**saved["args"]), torch.device("cpu"))
+    sgqn.load_agent(agent, saved, run_dir / "checkpoint.pt")
+    for mode, eval_env in eval_envs.items():
+        (expected,) = sgqn.evaluate(eval_env, agent.critic.encoder, agent.actor, 1, torch.device("cpu"))
+        assert reloaded["results"][mode]["mean"] == pytest.approx(expected, rel=1e-6), mode
+
+    report = load_benchmark("report")  # reads the real run folder, skips the --eval-only one
+    groups = report.group_runs([str(run_dir), str(eval_dir)])
+    assert list(groups) == [("cartpole (action repeat 50)", "sgsac")]
+    train = results["train"]
+    assert f"| cartpole (action repeat 50) | {train['mean']:.0f} ± {train['std']:.0f} ep (1) |" in report.tables(groups, None)
 
 
 def test_periodic_evaluation_and_plain_sac(tmp_path):
-    """The ablation switches at 0 give plain SAC (no consistency or aux loss); evaluation runs every eval_freq steps."""
+    """The ablation switches at 0 give plain SAC (no consistency or aux loss); evaluation runs at step 0 (the
+    untrained agent) and every eval_freq steps; each episode's row tells the elapsed time and the time left."""
     run_script(["--env-id", "cartpole", *TINY.split(), "--eval-freq", "3", "--eval-modes", "train",
                 "--consistency-coef", "0", "--aux-update-freq", "0", "--output-dir", str(tmp_path)], tmp_path)
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("cartpole__sac__seed1__")  # no rho: no saliency
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert [r["step"] for r in rows if r.get("mode") == "train"] == [3, 6, 9, 10]
-    assert [r for r in rows if "eval_share" in r]
+    assert [r["step"] for r in rows if r.get("mode") == "train"] == [0, 3, 6, 9, 10]
+    timed = [r for r in rows if "eval_share" in r]
+    assert timed and all(r["elapsed_hours"] > 0 and r["eta_hours"] >= 0 and 0 < r["eval_share"] < 1 for r in timed)
+    assert timed[-1]["eta_hours"] == 0  # the last row: nothing left
     odd = [r for r in rows if r["step"] == 9 and "td" in r][0]
     assert "actor" in odd  # an odd step logs the last actor loss too
     last = [r for r in rows if "td" in r][-1]
@@ -1777,6 +1793,7 @@ def test_readme_commands_parse():
     assert "python sgqn.py --env-id cartpole --rho 0.98" in commands
     for command in commands:
         argv = [a if "<" not in a else "x" for a in shlex.split(command)[2:]]
+        argv = [a if "$" not in a else "1" for a in argv]  # a shell variable: a value that parses as any type
         if "--help" not in argv:
             tyro.cli(sgqn.Args, args=argv)
     for command in readme_commands("python benchmarks/"):  # the benchmarks' flags parse too
@@ -1784,7 +1801,8 @@ def test_readme_commands_parse():
         spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        tyro.cli(getattr(module, "Bench", None) or module.Args, args=argv)
+        argv = [a if "<" not in a else "x" for a in argv]
+        tyro.cli(next(getattr(module, name) for name in ("Bench", "Report", "Args") if hasattr(module, name)), args=argv)
     test_command = readme_commands("python -m pytest")
     assert test_command and test_command[0] in (ROOT / ".ci" / "run").read_text()
 
@@ -1793,3 +1811,106 @@ def test_run_folders_are_never_reused(tmp_path):
     args = sgqn.Args(output_dir=str(tmp_path))
     first, second = sgqn.make_run_dir(args), sgqn.make_run_dir(args)
     assert first != second and first.is_dir() and second.is_dir()
+
+
+# ---- benchmarks/learning.py and benchmarks/report.py ----
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PLAIN_SAC = dict(consistency_coef=0.0, aux_update_freq=0)
+
+
+def write_run(root, env_id, algo, seed, curves, final=None, action_repeat=8):
+    """A run folder as sgqn.py leaves it: curves {mode: {step: return}}, final {mode: (mean, std, episodes)} or None
+    (an unfinished run, without results.json)."""
+    run_dir = root / f"{env_id}__{algo}__seed{seed}"
+    run_dir.mkdir(parents=True)
+    switches = {"sgsac": {}, "sac": PLAIN_SAC, "sac-consistency": dict(aux_update_freq=0)}[algo]
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(sgqn.Args(env_id=env_id, seed=seed, action_repeat=action_repeat, **switches))))
+    rows = [dict(step=step, mode=mode, eval_return=value, eval_std=1.0, episodes=5) for mode, c in curves.items() for step, value in c.items()]
+    rows.insert(1, dict(step=125, frames=1000, td=1.0, episodic_return=123.0))  # a training row, ignored
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if final:
+        results = {mode: dict(mean=m, std=s, episodes=n) for mode, (m, s, n) in final.items()}
+        (run_dir / "results.json").write_text(json.dumps(dict(step=max(next(iter(curves.values()))), results=results)))
+    return str(run_dir)
+
+
+def test_report_table_and_curves(tmp_path):
+    """report.py's Table 1 layout: mean ± std over seeds (numpy's std, ddof 0) with n; one seed shows its episodes'
+    std; an unfinished run counts in the curves only; the random policy only on its own task. The curves are the
+    mean over seeds with the lowest-to-highest range."""
+    report = load_benchmark("report")
+    balance, walker = "cartpole-balance", "walker-stand"
+    dirs = [write_run(tmp_path, balance, "sgsac", seed, {"train": {0: 100 * seed, 500: 200 * seed}, "video_hard": {0: 10 * seed, 500: 20 * seed}},
+                      {"train": (400 + 100 * seed, 9.0, 10), "video_hard": (200 + 100 * seed, 9.0, 10)}) for seed in (1, 2, 3)]
+    dirs.append(write_run(tmp_path, balance, "sac", 1, {"train": {0: 50, 500: 60}, "video_hard": {0: 5, 500: 6}},
+                          {"train": (250.4, 30.2, 10), "video_hard": (101.0, 12.0, 10)}))
+    dirs.append(write_run(tmp_path, balance, "sac", 2, {"train": {0: 70, 500: 90, 1000: 95}, "video_hard": {0: 7, 500: 8}}))  # unfinished
+    dirs += [write_run(tmp_path, walker, "sac", seed, {"train": {0: seed}}, {"train": (300.0 + 50 * seed, 1.0, 10)}, action_repeat=4)
+             for seed in (1, 2)]
+    random = dict(env_id=balance, action_repeat=8, seed=1, returns={"train": [100.0, 300.0], "video_hard": [100.0, 300.0]})
+    groups = report.group_runs(dirs)
+    lines = report.tables(groups, random).splitlines()
+    assert "| task | SG-SAC | SAC | random policy |" in lines
+    train, video_hard = lines.index(next(l for l in lines if l.startswith("train:"))), lines.index(next(l for l in lines if l.startswith("video_hard:")))
+    assert lines[train + 3 : train + 5] == ["| cartpole-balance (action repeat 8) | 600 ± 82 (3) | 250 ± 30 ep (1) | 200 ± 100 ep (2) |",
+                                            "| walker-stand (action repeat 4) | - | 375 ± 25 (2) | - |"]
+    assert lines[video_hard + 3] == "| cartpole-balance (action repeat 8) | 400 ± 82 (3) | 101 ± 12 ep (1) | 200 ± 100 ep (2) |"
+    assert lines[-1].startswith("unfinished (curves only): ") and dirs[4] in lines[-1]
+
+    fig = report.plot(groups, random, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    axes = np.array(fig.axes[: 2 * 2]).reshape(2, 2)  # (tasks, modes); the frames axes come after
+    sgsac, sac, random_line = axes[0, 0].lines
+    assert list(sgsac.get_xdata()) == [0, 500] and list(sgsac.get_ydata()) == [200, 400]  # mean of seeds 1-3
+    assert list(sac.get_xdata()) == [0, 500] and list(sac.get_ydata()) == [60, 75]  # step 1000: seed 2 only
+    assert sac.get_label() == "SAC (n=2)" and list(random_line.get_ydata()) == [200, 200]
+    sgsac_band, sac_band = axes[0, 0].collections  # the ranges over seeds
+    assert {tuple(v) for v in sgsac_band.get_paths()[0].vertices} >= {(0, 100), (0, 300), (500, 200), (500, 600)}
+    assert {tuple(v) for v in sac_band.get_paths()[0].vertices} >= {(0, 50), (0, 70), (500, 60), (500, 90)}
+    assert not axes[1, 0].get_legend_handles_labels()[1].count("random policy")  # walker: another task
+
+
+def test_report_rejects_bad_folders(tmp_path):
+    report = load_benchmark("report")
+    run = write_run(tmp_path / "a", "cartpole", "sac", 1, {"train": {0: 1}})
+    twin = write_run(tmp_path / "b", "cartpole", "sac", 1, {"train": {0: 2}})
+    for run_dirs, words in [((str(tmp_path),), "not a run folder"), ((run, twin), "seed 1")]:
+        with pytest.raises(SystemExit) as e:
+            report.main(report.Report(run_dirs=run_dirs))
+        assert words in str(e.value) and str(e.value).startswith("error: ")
+
+
+def test_learning_benchmark_end_to_end(tmp_path, e2e_data_dir):
+    """benchmarks/learning.py for a few steps: both runs (one thread each), evaluations from step 0, the random
+    policy on every mode, the table and the picture; and it never writes into a used folder."""
+    learning = load_benchmark("learning")
+    data = ["--data-dir", str(ENVS_SHARED), "--reuse-videos"] if ENVS_HAVE_SHARED else ["--data-dir", str(e2e_data_dir)]
+    tiny = "--total-timesteps 6 --learning-starts 4 --batch-size 4 --eval-freq 3 --eval-episodes 1 --final-eval-episodes 2 --overlay-images 16"
+    command = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--seed", "3", "--output-dir", str(tmp_path / "out"), *data,
+               f"--sgqn-flags={tiny} --action-repeat 50"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    runs = {d.name.split("__")[1]: d for d in (tmp_path / "out").iterdir() if d.is_dir() and "__" in d.name}
+    assert set(runs) == {"sgsac", "sac"}
+    modes = learning.CONFIG["eval-modes"]
+    for algo, run_dir in runs.items():
+        args = json.loads((run_dir / "args.json").read_text())
+        assert (args["env_id"], args["num_filters"], args["seed"], args["action_repeat"]) == ("cartpole-balance", 16, 3, 50)
+        assert (args["consistency_coef"] == 0) == (algo == "sac")
+        rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        assert sorted((r["step"], r["mode"]) for r in rows if "eval_return" in r) == sorted((s, m) for s in (0, 3, 6) for m in modes)
+    random = json.loads((tmp_path / "out" / "random_policy.json").read_text())
+    assert random["action_repeat"] == 50 and list(random["returns"]) == list(modes)
+    assert all(len(r) == 2 and r == random["returns"]["train"] for r in random["returns"].values())  # physics only
+    assert "| task | SG-SAC | SAC | random policy |" in out.stdout and (tmp_path / "out" / "learning.png").stat().st_size > 0
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and again.stderr.strip().startswith("error: ") and "not empty" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1

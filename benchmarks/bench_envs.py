@@ -43,11 +43,12 @@ class Args:
     seed: int = 0
 
 
-def filled_data_dir(source):
-    """A temporary data dir with every file each mode needs, symlinked to what source has (reused cyclically).
-    Its reused videos do not have DMC-GB's git blob ids: envs.py is told not to check them (timing only)."""
+def filled_data_dir(source, target=None):
+    """A data dir (target, else a temporary one) with every file each mode needs, symlinked to what source has
+    (videos reused cyclically). Its reused videos do not have DMC-GB's git blob ids: envs.py is told not to check
+    them (DMCGB_VERIFY=0, inherited by child processes). An agent evaluated there sees only source's videos."""
     os.environ["DMCGB_VERIFY"] = "0"
-    target = Path(tempfile.mkdtemp(prefix="bench_envs_"))
+    target = Path(target) if target else Path(tempfile.mkdtemp(prefix="bench_envs_"))
     for mode in envs.MODES[1:]:
         names = envs.required_files(mode)
         available = sorted((source / mode).glob("video*.mp4")) if mode in envs.NUM_VIDEOS else [source / names[0]]

@@ -1,0 +1,171 @@
+"""Does it learn, and does the saliency help on unseen scenes? SG-SAC against plain SAC on a 2-core CPU (not a test).
+
+    python benchmarks/learning.py --seed 1 --output-dir runs/learning-seed1
+    python benchmarks/learning.py --seed 1 --data-dir ../shared/dmcgb --reuse-videos   # a partial DMC-GB copy, offline
+
+Runs sgqn.py twice at once, one thread each: SG-SAC and plain SAC (--consistency-coef 0 --aux-update-freq 0),
+same seed, same CPU-sized configuration (CONFIG: only size knobs differ from the paper's settings, see the
+README's "Does it learn?"). Both evaluate the deterministic policy at step 0 and every `eval_freq` steps on each
+mode of CONFIG. When SAC is done (it is about 3x faster), the random policy is measured on the same modes, in
+its freed core. At the end report.py prints the table and draws the curves into the output dir.
+
+Outputs in --output-dir (which must be new or empty): the two run folders (names with sgsac and sac), their
+logs sgsac.log and sac.log, random_policy.json, learning.png. Ctrl-C stops both runs at their next safe
+point with a checkpoint; resume each with `python sgqn.py --resume RUN`, then run report.py over them.
+Needs matplotlib for the picture: pip install -r benchmarks/requirements.txt (only the benchmarks use it).
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import bench_envs  # noqa: E402
+import envs  # noqa: E402
+
+# The CPU-sized configuration; every flag not named here keeps sgqn.py's default (the paper's value).
+# cartpole-balance at action repeat 8 (cartpole's repeat in the paper's appendix): 125 agent steps per episode.
+# 16 filters instead of 32 and batch 64 instead of 128 make an SG-SAC update about 4.5x cheaper (1.2 s on one
+# thread); 4000 agent steps = 32 episodes = 32k simulator frames (the paper: 500k agent steps).
+CONFIG = {
+    "env-id": "cartpole-balance",
+    "action-repeat": 8,
+    "num-filters": 16,
+    "batch-size": 64,
+    "total-timesteps": 4000,
+    "learning-starts": 250,
+    "eval-freq": 500,
+    "eval-episodes": 5,
+    "final-eval-episodes": 10,
+    "eval-modes": ["train", "color_hard", "video_hard"],
+}
+PLAIN_SAC = ["--consistency-coef", "0", "--aux-update-freq", "0"]
+
+
+@dataclass
+class Bench:
+    seed: int = 1
+    """seed of both runs (and of the random policy)"""
+    output_dir: str | None = None
+    """new or empty folder for the runs, logs and picture (default: runs/learning-seed<seed>)"""
+    data_dir: str | None = None
+    """DMC-GB data (default: sgqn.py's lookup, which downloads what is missing)"""
+    reuse_videos: bool = False
+    """for a partial DMC-GB copy (like ../shared/dmcgb): the missing videos are the available ones, reused
+    cyclically, so video modes test on those videos only"""
+    sgqn_flags: str = ""
+    """more sgqn.py flags for both runs, replacing CONFIG's of the same name (--sgqn-flags="--total-timesteps 8")"""
+
+
+def flags(config):
+    return [arg for name, value in config.items() for arg in (f"--{name}", *map(str, value if isinstance(value, list) else [value]))]
+
+
+def override(config, tokens):
+    """CONFIG with the values of the flags in tokens that it names (the random policy must see them too), and the
+    other tokens. ["--batch-size", "8", "--eval-modes", "train", "--cuda"] -> ({..., "batch-size": "8",
+    "eval-modes": ["train"]}, ["--cuda"])."""
+    config, extra, name = dict(config), [], None
+    for token in tokens:
+        if token.startswith("--"):
+            name = token[2:] if token[2:] in config else None
+            if name:
+                config[name] = [] if isinstance(config[name], list) else None
+        if name is None:
+            extra.append(token)
+        elif not token.startswith("--"):
+            config[name] = [*config[name], token] if isinstance(config[name], list) else token
+    return config, extra
+
+
+def random_policy(config, seed, data_dir, episodes):
+    """Returns of uniformly random actions in each eval mode's env, seeded as sgqn.py seeds its test envs.
+    A random policy does not look, so every mode gives the same returns: the physics' level."""
+    returns = {}
+    for mode in config["eval-modes"]:
+        env = envs.make_env(config["env-id"], seed + 42, mode, int(config["action-repeat"]), data_dir=data_dir)
+        rng = np.random.default_rng(seed)
+        returns[mode] = []
+        for _ in range(episodes):
+            env.reset()
+            total, done = 0.0, False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(rng.uniform(env.action_low, env.action_high).astype(np.float32))
+                total, done = total + reward, terminated or truncated
+            returns[mode].append(total)
+    return returns
+
+def run_dirs(out):
+    return sorted(str(p) for p in out.iterdir() if p.is_dir() and "__" in p.name)
+
+
+def report_command(out):
+    random = ["--random", str(out / "random_policy.json")] if (out / "random_policy.json").exists() else []
+    return [sys.executable, str(ROOT / "benchmarks" / "report.py"), *run_dirs(out), *random, "--plot", str(out / "learning.png")]
+
+
+def main(bench):
+    out = Path(bench.output_dir or f"runs/learning-seed{bench.seed}").resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        sys.exit(f"error: --output-dir {out} is not empty; give a new folder (a benchmark never overwrites another)")
+    config, extra = override(CONFIG, shlex.split(bench.sgqn_flags))
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = bench.data_dir
+    if bench.reuse_videos:
+        source = envs.resolve_data_dir(bench.data_dir)
+        try:
+            data_dir = str(bench_envs.filled_data_dir(source, out / "dmcgb"))
+        except FileNotFoundError as e:
+            shutil.rmtree(out / "dmcgb", ignore_errors=True)
+            sys.exit(f"error: --reuse-videos: {e}; give --data-dir a DMC-GB copy with the colour tables and a video per mode")
+        print(f"NOTE: video modes use only the videos in {source}, reused cyclically ({data_dir})")
+    common = [*flags(config), "--seed", str(bench.seed), "--output-dir", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
+    # one thread each (two multi-threaded runs on 2 cores thrash); glibc's allocator otherwise returns and
+    # re-requests the big activations every update, which adds seconds of noise
+    child_env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
+                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    print(f"SG-SAC and SAC, seed {bench.seed}, one thread each: sgqn.py {' '.join(common)}")
+    start = time.time()
+    runs = {}
+    for label, switches in (("sgsac", []), ("sac", PLAIN_SAC)):
+        log = open(out / f"{label}.log", "w")
+        runs[label] = subprocess.Popen([sys.executable, str(ROOT / "sgqn.py"), *common, *switches], stdout=log, stderr=subprocess.STDOUT, env=child_env)
+
+    def pass_on(signum, frame):  # a scheduler's SIGTERM reaches only this process (a Ctrl-C reaches the runs too)
+        for run in runs.values():
+            run.send_signal(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, pass_on)
+    try:
+        status = {"sac": runs["sac"].wait()}
+        print(f"SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sac']}); measuring the random policy")
+        episodes = int(config["final-eval-episodes"])
+        returns = random_policy(config, bench.seed, data_dir, episodes)
+        (out / "random_policy.json").write_text(json.dumps(dict(env_id=config["env-id"], action_repeat=int(config["action-repeat"]),
+                                                                seed=bench.seed, returns=returns), indent=1))
+        status["sgsac"] = runs["sgsac"].wait()
+        print(f"SG-SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sgsac']})")
+    except KeyboardInterrupt:  # the runs checkpoint and stop
+        for run in runs.values():
+            run.wait()
+        resume = "; ".join(f"python sgqn.py --resume {run_dir}" for run_dir in run_dirs(out))
+        sys.exit(f"interrupted: continue with {resume}; then python {' '.join(report_command(out)[1:])}")
+    if any(status.values()):
+        sys.exit(f"error: a run failed, see the end of {out}/sgsac.log and {out}/sac.log")
+    sys.exit(subprocess.run(report_command(out)).returncode)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Bench))
