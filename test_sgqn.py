@@ -1666,7 +1666,7 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
 
     report = load_benchmark("report")  # reads the real run folder, skips the --eval-only one
     groups = report.group_runs([str(run_dir), str(eval_dir)])
-    assert list(groups) == [("cartpole (action repeat 50)", "sgsac")]
+    assert list(groups) == [(("cartpole", 50), "sgsac")]
     train = results["train"]
     assert f"| cartpole (action repeat 50) | {train['mean']:.0f} ± {train['std']:.0f} ep (1) |" in report.tables(groups, None)
 

@@ -44,7 +44,8 @@ def algorithm(args):
 
 
 def read_run(run_dir):
-    """-> (task, algorithm, seed, curves {mode: [(step, return)]}, final {mode: (mean, std, episodes)} or None)."""
+    """-> (task (env id, action repeat), algorithm, seed, curves {mode: [(step, return)]},
+    final {mode: (mean, std, episodes)} or None)."""
     run_dir = Path(run_dir)
     if not (run_dir / "args.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
         sys.exit(f"error: {run_dir} is not a run folder of sgqn.py (no args.json or metrics.jsonl); give run folders")
@@ -58,7 +59,11 @@ def read_run(run_dir):
     if (run_dir / "results.json").is_file():
         results = json.loads((run_dir / "results.json").read_text())["results"]
         final = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results.items()}
-    return f"{args['env_id']} (action repeat {args['action_repeat']})", algorithm(args), args["seed"], dict(curves), final
+    return (args["env_id"], args["action_repeat"]), algorithm(args), args["seed"], dict(curves), final
+
+
+def task_name(task):
+    return f"{task[0]} (action repeat {task[1]})"
 
 
 def group_runs(run_dirs):
@@ -71,7 +76,7 @@ def group_runs(run_dirs):
             continue
         task, algo, seed, curves, final = read_run(run_dir)
         if any(run["seed"] == seed for run in groups[task, algo]):
-            sys.exit(f"error: two {algo} runs of {task} with seed {seed} (one is {run_dir}); give each seed once")
+            sys.exit(f"error: two {algo} runs of {task_name(task)} with seed {seed} (one is {run_dir}); give each seed once")
         groups[task, algo].append(dict(dir=run_dir, seed=seed, curves=curves, final=final))
     return groups
 
@@ -90,7 +95,7 @@ def cell(runs, mode):
 
 def random_returns(random, task, mode):
     """The random policy's returns on mode if random_policy.json was measured on this task, else []."""
-    if not random or task != f"{random['env_id']} (action repeat {random['action_repeat']})":
+    if not random or task != (random["env_id"], random["action_repeat"]):
         return []
     return random["returns"].get(mode, [])
 
@@ -106,7 +111,7 @@ def tables(groups, random):
         lines += [f"\n{mode}: final return, mean ± std over seeds (n seeds; ep: one seed, std over its episodes)",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for task in tasks:
-            row = [task, *(cell(groups.get((task, a), []), mode) for a in algos)]
+            row = [task_name(task), *(cell(groups.get((task, a), []), mode) for a in algos)]
             if random:
                 returns = random_returns(random, task, mode)
                 row.append(f"{np.mean(returns):.0f} ± {np.std(returns):.0f} ep ({len(returns)})" if returns else "-")
@@ -127,7 +132,6 @@ def plot(groups, random, path):
     modes = list(dict.fromkeys(mode for runs in groups.values() for run in runs for mode in run["curves"]))
     fig, axes = plt.subplots(len(tasks), len(modes), figsize=(4.2 * len(modes), 3.6 * len(tasks)), squeeze=False)
     for task, row in zip(tasks, axes):
-        action_repeat = int(task.rsplit(" ", 1)[1].rstrip(")"))
         for mode, ax in zip(modes, row):
             for algo in ALGORITHMS:
                 runs = groups.get((task, algo), [])
@@ -141,9 +145,9 @@ def plot(groups, random, path):
                     ax.fill_between(steps, returns.min(0), returns.max(0), color=line.get_color(), alpha=0.2)
             if random_returns(random, task, mode):
                 ax.axhline(np.mean(random_returns(random, task, mode)), color="gray", linestyle="--", label="random policy")
-            ax.set(title=f"{task.split(' ')[0]}, {mode}", xlabel="agent steps", ylabel="evaluation return", ylim=(0, 1000))
+            ax.set(title=f"{task[0]}, {mode}", xlabel="agent steps", ylabel="evaluation return", ylim=(0, 1000))
             ax.title.set_fontsize(10)
-            ax.secondary_xaxis("top", functions=(lambda x, r=action_repeat: x * r, lambda x, r=action_repeat: x / r)).set_xlabel(
+            ax.secondary_xaxis("top", functions=(lambda x, r=task[1]: x * r, lambda x, r=task[1]: x / r)).set_xlabel(
                 "simulator frames")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="upper left")
