@@ -11,7 +11,7 @@ its freed core. At the end report.py prints the table and draws the curves into 
 
 Outputs in --output-dir (which must be new or empty): the two run folders (names with sgsac and sac), their
 logs sgsac.log and sac.log, random_policy.json, learning.png. Ctrl-C stops both runs at their next safe
-point with a checkpoint; resume each with `python sgqn.py --resume RUN`, then run report.py over them.
+point with a checkpoint and prints the commands that resume them (then run report.py over them).
 Needs matplotlib for the picture: pip install -r benchmarks/requirements.txt (only the benchmarks use it).
 """
 
@@ -160,7 +160,8 @@ def main(bench):
     except KeyboardInterrupt:  # the runs checkpoint and stop
         for run in runs.values():
             run.wait()
-        resume = "; ".join(f"python sgqn.py --resume {run_dir}" for run_dir in run_dirs(out))
+        unverified = "DMCGB_VERIFY=0 " if bench.reuse_videos else ""  # the reused videos are not DMC-GB's files
+        resume = "; ".join(f"{unverified}python sgqn.py --resume {run_dir}" for run_dir in run_dirs(out))
         sys.exit(f"interrupted: continue with {resume}; then python {' '.join(report_command(out)[1:])}")
     if any(status.values()):
         sys.exit(f"error: a run failed, see the end of {out}/sgsac.log and {out}/sac.log")
