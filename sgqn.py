@@ -571,7 +571,7 @@ def update(agent, batch, step, args, overlay):
         masked_q1, masked_q2 = critic(mask_observation(obs, saliency), action)
         losses["consistency"] = F.mse_loss(q1, masked_q1) + F.mse_loss(q2, masked_q2)  # Q(s) is not detached
     losses["td"] = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-    losses["q"] = q1.mean()  # the critic's scale, for the logs (at most action_repeat / (1 - gamma) in DMC)
+    losses["q"] = q1.mean()  # the critic's scale, for the logs (about action_repeat / (1 - gamma) at most in DMC)
     critic_loss = losses["td"] + args.consistency_coef * losses["consistency"]
     agent.critic_optimizer.zero_grad(set_to_none=True)
     critic_loss.backward(inputs=list(critic.parameters()))  # no gradient for obs
@@ -762,12 +762,16 @@ def make_envs(args):
     return env, eval_envs
 
 
+def algorithm(args):
+    """SG-SAC or the ablation that the two switches select (the paper's names)."""
+    return {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup", (False, False): "sac"}[
+        args.consistency_coef > 0, args.aux_update_freq > 0]
+
+
 def make_run_dir(args):
     """A new folder for this run's outputs, named after the algorithm: a run never writes into an earlier run's folder."""
-    algorithm = {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup", (False, False): "sac"}[
-        args.consistency_coef > 0, args.aux_update_freq > 0]
-    rho = f"__rho{args.rho}" if algorithm != "sac" else ""  # only saliency uses it
-    name = f"{args.env_id}__{algorithm}{rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    rho = f"__rho{args.rho}" if algorithm(args) != "sac" else ""  # only saliency uses it
+    name = f"{args.env_id}__{algorithm(args)}{rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     for suffix in itertools.count():
         run_dir = Path(args.output_dir) / (f"{name}-{suffix}" if suffix else name)
         try:

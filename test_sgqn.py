@@ -1822,15 +1822,12 @@ def load_benchmark(name):
     return module
 
 
-PLAIN_SAC = dict(consistency_coef=0.0, aux_update_freq=0)
-
-
 def write_run(root, env_id, algo, seed, curves, final=None, action_repeat=8):
     """A run folder as sgqn.py leaves it: curves {mode: {step: return}}, final {mode: (mean, std, episodes)} or None
     (an unfinished run, without results.json)."""
     run_dir = root / f"{env_id}__{algo}__seed{seed}"
     run_dir.mkdir(parents=True)
-    switches = {"sgsac": {}, "sac": PLAIN_SAC, "sac-consistency": dict(aux_update_freq=0)}[algo]
+    switches = {"sgsac": {}, "sac": dict(consistency_coef=0.0, aux_update_freq=0), "sac-consistency": dict(aux_update_freq=0)}[algo]
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(sgqn.Args(env_id=env_id, seed=seed, action_repeat=action_repeat, **switches))))
     rows = [dict(step=step, mode=mode, eval_return=value, eval_std=1.0, episodes=5) for mode, c in curves.items() for step, value in c.items()]
     rows.insert(1, dict(step=125, frames=1000, td=1.0, episodic_return=123.0))  # a training row, ignored

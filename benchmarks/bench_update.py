@@ -43,6 +43,8 @@ class Bench:
     """batch size of the update"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    num_filters: int = 32
+    """filters per conv layer of both variants (16: the CPU learning benchmark's)"""
     env_steps: int = 200
     """agent steps per environment mode, and run the end-to-end part (0: updates and operations only)"""
     e2e_batch_size: int = 32
@@ -130,7 +132,8 @@ def main(bench):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
 
-    variants = {"SG-SAC": (sgqn.update, {}), "SAC": (sgqn.update, dict(consistency_coef=0.0, aux_update_freq=0))}
+    filters = dict(num_filters=bench.num_filters)
+    variants = {"SG-SAC": (sgqn.update, filters), "SAC": (sgqn.update, dict(filters, consistency_coef=0.0, aux_update_freq=0))}
     times = time_updates(variants, device, bench.batch_size, bench.pairs)
     sac = np.median(times["SAC"])
     print(f"\nupdate time, batch {bench.batch_size}, median of {bench.pairs} step pairs; the paired ratio is the median "

@@ -36,8 +36,9 @@ import envs  # noqa: E402
 
 # The CPU-sized configuration; every flag not named here keeps sgqn.py's default (the paper's value).
 # cartpole-balance at action repeat 8 (cartpole's repeat in the paper's appendix): 125 agent steps per episode.
-# 16 filters instead of 32 and batch 64 instead of 128 make an SG-SAC update about 4.5x cheaper (1.2 s on one
-# thread); 4000 agent steps = 32 episodes = 32k simulator frames (the paper: 500k agent steps).
+# 16 filters instead of 32 halve an SG-SAC update at batch 64 on one thread (1.7 s instead of 3.6 s:
+# python benchmarks/bench_update.py --batch-size 64 --threads 1 --env-steps 0 --num-filters 16, then 32), and
+# batch 64 instead of 128 halves it again; 4000 agent steps = 32 episodes = 32k simulator frames (paper: 500k steps).
 CONFIG = {
     "env-id": "cartpole-balance",
     "action-repeat": 8,

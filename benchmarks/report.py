@@ -19,9 +19,13 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sgqn  # noqa: E402  (the algorithm names of run folders)
 
 ALGORITHMS = ("sgsac", "sac", "sac-consistency", "sac-selfsup")  # the column order
 LABELS = {"sgsac": "SG-SAC", "sac": "SAC", "sac-consistency": "SAC + consistency", "sac-selfsup": "SAC + self-supervised"}
@@ -35,12 +39,6 @@ class Report:
     """draw the curves into this PNG"""
     random: str | None = None
     """random_policy.json of benchmarks/learning.py: the random policy's level in the table and the curves"""
-
-
-def algorithm(args):
-    """The run's algorithm, as sgqn.py names run folders."""
-    return {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup", (False, False): "sac"}[
-        args["consistency_coef"] > 0, args["aux_update_freq"] > 0]
 
 
 def read_run(run_dir):
@@ -59,7 +57,7 @@ def read_run(run_dir):
     if (run_dir / "results.json").is_file():
         results = json.loads((run_dir / "results.json").read_text())["results"]
         final = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results.items()}
-    return (args["env_id"], args["action_repeat"]), algorithm(args), args["seed"], dict(curves), final
+    return (args["env_id"], args["action_repeat"]), sgqn.algorithm(SimpleNamespace(**args)), args["seed"], dict(curves), final
 
 
 def task_name(task):
