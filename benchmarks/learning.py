@@ -107,6 +107,7 @@ def random_policy(config, seed, data_dir, episodes):
             returns[mode].append(total)
     return returns
 
+
 def run_dirs(out):
     return sorted(str(p) for p in out.iterdir() if p.is_dir() and "__" in p.name)
 
