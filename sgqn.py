@@ -644,7 +644,8 @@ def parse_args(argv):
         saved, own, what = args_from(json.loads(path.read_text()), path), RESUME_MAY_CHANGE, "the run's"
     elif args.eval_only and args.checkpoint:
         saved, own, what = args_from(read_checkpoint(args.checkpoint)["args"], args.checkpoint), EVAL_ONLY_FLAGS, "the checkpoint's"
-        saved = dataclasses.replace(saved, **{name: getattr(Args(), name) for name in own})
+        # a resumed run's checkpoint names its folder in --resume: how that process started, not what the run is
+        saved = dataclasses.replace(saved, resume=None, **{name: getattr(Args(), name) for name in own})
     else:
         return args
     merged = tyro.cli(Args, args=argv, default=saved)

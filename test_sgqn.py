@@ -1597,7 +1597,7 @@ def test_resume_after_interruptions_is_exact(resumed_runs):
     assert (straight / "replay" / "t.bin").stat().st_size == 8 * (60 + 4)  # 60 steps, 4 resets (the last after step 60)
 
 
-def test_resume_survives_a_kill_amid_a_checkpoint_write_and_extends(resumed_runs, tmp_path):
+def test_resume_survives_a_kill_amid_a_checkpoint_write_and_extends(resumed_runs, tmp_path, e2e_data_dir):
     straight, _, _ = resumed_runs
     run = tmp_path / "run"
     shutil.copytree(straight, run)
@@ -1612,6 +1612,10 @@ def test_resume_survives_a_kill_amid_a_checkpoint_write_and_extends(resumed_runs
     assert json.loads((run / "results.json").read_text())["step"] == 64
     rows = metric_rows(run)
     assert rows[: len(metric_rows(straight))] == metric_rows(straight) and [r["step"] for r in rows if "mode" in r][-2:] == [64, 64]
+    out = run_script(["--checkpoint", str(run / "checkpoint.pt"), "--eval-only", "--eval-modes", "color_hard", "--final-eval-episodes",
+                      "1", "--data-dir", str(e2e_data_dir), "--output-dir", "evaluated"], tmp_path)  # a resumed run's checkpoint evaluates like any other
+    (evaluated,) = (tmp_path / "evaluated").iterdir()
+    assert json.loads((evaluated / "results.json").read_text())["step"] == 64, out.stdout
 
 
 def test_resume_and_eval_only_refuse_other_settings(resumed_runs, tmp_path):
