@@ -1821,7 +1821,7 @@ def test_readme_commands_parse():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         argv = [a if "<" not in a else "x" for a in argv]
-        tyro.cli(next(getattr(module, name) for name in ("Bench", "Report", "Args") if hasattr(module, name)), args=argv)
+        tyro.cli(next(getattr(module, name) for name in ("Bench", "Report", "Probe", "Args") if hasattr(module, name)), args=argv)
     test_command = readme_commands("python -m pytest")
     assert test_command and test_command[0] in (ROOT / ".ci" / "run").read_text()
 
@@ -1930,3 +1930,33 @@ def test_learning_benchmark_end_to_end(tmp_path, e2e_data_dir):
     with pytest.raises(SystemExit) as again:  # before any work: in this process
         learning.main(tyro.cli(learning.Bench, args=command[2:]))
     assert str(again.value).startswith("error: ") and "not empty" in str(again.value) and "\n" not in str(again.value)
+
+
+def test_probe_critic_reads_the_replay_read_only(resumed_runs, tmp_path, capsys):
+    """benchmarks/probe_critic.py: its view of a run's replay files is the buffer that --resume loads (here a ring
+    that wrapped: 64 frames in 25 slots), the files stay as they were, two bit-identical runs give identical rows,
+    and a mask that keeps every pixel closes the consistency gap exactly."""
+    probe_critic = load_benchmark("probe_critic")
+    straight, cut, _ = resumed_runs
+    saved, before = sgqn.read_checkpoint(straight / "checkpoint.pt"), {p: p.read_bytes() for p in (straight / "replay").iterdir()}
+    args = sgqn.Args(**saved["args"])
+    view = probe_critic.read_replay(straight, saved, args)
+    shutil.copytree(straight / "replay", tmp_path / "replay")
+    loaded = sgqn.ReplayBuffer(args.buffer_size, (3, 84, 84), 1, args.frame_stack)
+    loaded.load(tmp_path / "replay", saved["buffer_added"])
+    oldest = saved["buffer_added"] - args.buffer_size
+    for name in ("frames", "actions", "rewards", "t"):
+        assert np.array_equal(getattr(view, name), np.roll(getattr(loaded, name), -(oldest % args.buffer_size), axis=0)), name
+
+    probe_critic.main(probe_critic.Probe(run_dirs=(str(straight), str(cut)), samples=8))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cartpole")]
+    assert len(rows) == 2 and rows[0].split(" | ")[1:] == rows[1].split(" | ")[1:] and "step 60, rho 0.98" in rows[0]
+    assert {p: p.read_bytes() for p in (straight / "replay").iterdir()} == before
+
+    agent = sgqn.make_agent((9, 84, 84), 1, args, torch.device("cpu"))
+    sgqn.load_agent(agent, saved, straight / "checkpoint.pt")
+    obs, action, reward, next_obs = view.sample(8, np.random.default_rng(0))
+    batch = (torch.as_tensor(obs).float(), torch.as_tensor(action), torch.as_tensor(reward)[:, None], torch.as_tensor(next_obs).float())
+    measures = probe_critic.probe(agent, batch, 1e-9, args.gamma)  # the lowest quantile: every pixel is salient
+    assert measures["consistency gap"] == 0.0 and all(math.isfinite(v) for v in measures.values())
+    assert probe_critic.probe(agent, batch, 0.98, args.gamma)["consistency gap"] > 0
