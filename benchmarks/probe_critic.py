@@ -4,14 +4,14 @@
     python benchmarks/probe_critic.py runs/<run> --replay runs/<other run> --samples 1024
 
 Loads each run folder's checkpoint.pt and evaluates its critic on one batch of transitions drawn (unaugmented)
-from the replay buffer of --replay (default: the first run), read-only, so a running run can be probed. Per
-checkpoint, means over the batch:
-  Q1                  Q1(s, a), the critic's scale
-  Q1 - target         the TD error, target = r + gamma * (min target Q - alpha log pi) as in training
-  |Q1 - Q1(masked)|   the consistency gap: how much Q1 changes when every pixel outside its own rho-saliency
-                      mask is replaced (as the consistency loss does); SG-SAC's consistency loss drives it to 0
-  |dQ1/da|            the norm of Q1's gradient at the policy's mean action: the actor's learning signal
-  Q1 spread           the std of Q1 over the batch's states
+from the replay buffer of --replay (default: the first run), read-only, so a running run can be probed. Prints a
+markdown row per checkpoint, means over the batch:
+  Q1                 Q1(s, a), the critic's scale
+  Q1 - target        the TD error, target = r + gamma * (min target Q - alpha log pi) as in training
+  consistency gap    |Q1(s, a) - Q1(s masked, a)|: how much Q1 changes when every pixel outside its own
+                     rho-saliency mask is replaced, as in the consistency loss (which drives it to 0)
+  action gradient    the norm of dQ1/da at the policy's mean action: the actor's learning signal
+  Q1 spread          the std of Q1 over the batch's states
 """
 
 import sys
