@@ -1960,3 +1960,10 @@ def test_probe_critic_reads_the_replay_read_only(resumed_runs, tmp_path, capsys)
     measures = probe_critic.probe(agent, batch, 1e-9, args.gamma)  # the lowest quantile: every pixel is salient
     assert measures["consistency gap"] == 0.0 and all(math.isfinite(v) for v in measures.values())
     assert probe_critic.probe(agent, batch, 0.98, args.gamma)["consistency gap"] > 0
+    with pytest.raises(SystemExit) as e:
+        probe_critic.main(probe_critic.Probe(run_dirs=()))
+    assert str(e.value) == "error: give one or more run folders of sgqn.py (each with a checkpoint.pt)"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        probe_critic.main(probe_critic.Probe(run_dirs=(str(tmp_path),)))
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: run folder: {tmp_path}/checkpoint.pt is not a file; give a checkpoint.pt that a run wrote\n"

@@ -79,9 +79,11 @@ def probe(agent, batch, rho, gamma):
 
 
 def main(probe_args):
-    runs = [(Path(run_dir), sgqn.read_checkpoint(Path(run_dir) / "checkpoint.pt")) for run_dir in probe_args.run_dirs]
+    if not probe_args.run_dirs:
+        sys.exit("error: give one or more run folders of sgqn.py (each with a checkpoint.pt)")
+    runs = [(Path(run_dir), sgqn.read_checkpoint(Path(run_dir) / "checkpoint.pt", "run folder")) for run_dir in probe_args.run_dirs]
     replay_dir = Path(probe_args.replay) if probe_args.replay else runs[0][0]
-    replay_saved = runs[0][1] if replay_dir == runs[0][0] else sgqn.read_checkpoint(replay_dir / "checkpoint.pt")
+    replay_saved = runs[0][1] if replay_dir == runs[0][0] else sgqn.read_checkpoint(replay_dir / "checkpoint.pt", "--replay")
     buffer = read_replay(replay_dir, replay_saved, sgqn.Args(**replay_saved["args"]))
     obs, action, reward, next_obs = buffer.sample(probe_args.samples, np.random.default_rng(probe_args.seed))
     batch = (torch.as_tensor(obs).float(), torch.as_tensor(action), torch.as_tensor(reward)[:, None], torch.as_tensor(next_obs).float())
