@@ -67,9 +67,9 @@ def probe(agent, batch, rho, gamma):
     with torch.no_grad():
         _, next_action, next_log_prob = agent.actor(critic.encoder(next_obs))
         target = reward + gamma * (torch.min(*agent.critic_target(next_obs, next_action)) - agent.log_alpha.exp() * next_log_prob)
-        q1, _ = critic(obs, action)
+        features = critic.encoder(obs)  # (B, conv features), shared by Q1 and the policy's action
+        q1, _ = critic.heads(features, action)
         masked_q1, _ = critic(sgqn.mask_observation(obs, saliency), action)
-        features = critic.encoder(obs)
         mean_action, _, _ = agent.actor(features)
     mean_action.requires_grad_(True)
     q1_at_mean, _ = critic.heads(features, mean_action)
