@@ -1967,3 +1967,34 @@ def test_probe_critic_reads_the_replay_read_only(resumed_runs, tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         probe_critic.main(probe_critic.Probe(run_dirs=(str(tmp_path),)))
     assert e.value.code == 2 and capsys.readouterr().err == f"error: run folder: {tmp_path}/checkpoint.pt is not a file; give a checkpoint.pt that a run wrote\n"
+
+
+def test_probe_scenes_pairs_the_same_states(resumed_runs, e2e_data_dir, capsys):
+    """benchmarks/probe_scenes.py: against the training scene itself every shift is exactly 0 (and masking leaves
+    the consistency gap); on video_hard the scene moves the features; envs whose states part are refused."""
+    probe_scenes = load_benchmark("probe_scenes")
+    straight, _, _ = resumed_runs
+    shifts = ["Q1 shift", "action shift", "conv features", "critic projection", "actor projection"]
+    tables = {}
+    for mode in ("train", "video_hard"):
+        probe_scenes.main(probe_scenes.Probe(run_dirs=(str(straight),), mode=mode, episodes=1))
+        header, _, row = capsys.readouterr().out.splitlines()[1:]
+        cells = [[cell.strip() for cell in line.strip("|").split("|")[1:]] for line in (header, row)]
+        tables[mode] = dict(zip(cells[0], map(float, cells[1])))
+    assert all(tables["train"][name] == 0.0 for name in shifts) and tables["train"]["Q1 shift, masked"] > 0
+    assert all(tables["video_hard"][name] > 0 for name in shifts) and all(map(math.isfinite, tables["video_hard"].values()))
+    assert tables["train"]["return"] == tables["video_hard"]["return"]  # the policy drives on the training scene in both
+
+    saved = sgqn.read_checkpoint(straight / "checkpoint.pt")
+    args = sgqn.Args(**saved["args"])
+    agent = sgqn.make_agent((9, 84, 84), 1, args, torch.device("cpu"))
+    pair = [envs.make_env("cartpole", seed, mode, 50, data_dir=e2e_data_dir) for seed, mode in ((1, "train"), (2, "video_hard"))]
+    with pytest.raises(SystemExit) as e:
+        probe_scenes.paired_rollouts(agent, *pair, 1, args.rho)
+    assert str(e.value) == "error: the video_hard env's physics left the training env's at step 0; the scenes must differ only in how they look"
+    with pytest.raises(SystemExit) as e:
+        probe_scenes.main(probe_scenes.Probe(run_dirs=(str(straight),), mode="video"))
+    assert str(e.value).startswith("error: unknown mode 'video': use one of train, ")
+    with pytest.raises(SystemExit) as e:
+        probe_scenes.main(probe_scenes.Probe(run_dirs=(str(straight),), episodes=0))
+    assert str(e.value) == "error: --episodes must be at least 1, got 0"
