@@ -839,6 +839,8 @@ def start(args, saved, buffer, env, eval_envs, rng, run_dir):
         obs = env.set_state(saved["env"])
     except (OSError, KeyError, ValueError) as e:
         fail(f"--resume {run_dir}: its checkpoint does not fit its other files ({type(e).__name__}: {e}); start a new run")
+    # a run extended with --total-timesteps stays extended when it is resumed again without the flag
+    write_json(run_dir / "args.json", {**json.loads((run_dir / "args.json").read_text()), "total_timesteps": args.total_timesteps})
     print(f"resumed {run_dir} at step {saved['step']} of {args.total_timesteps}")
     return obs, *(saved[k] for k in ("step", "pending", "done", "episode_return", "losses", "results"))
 
@@ -932,6 +934,8 @@ def main(args):
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     checkpoint = Path(args.resume) / "checkpoint.pt" if args.resume else args.checkpoint
     saved = read_checkpoint(checkpoint, "--resume" if args.resume else "--checkpoint") if checkpoint else None
+    if args.resume and saved["step"] > args.total_timesteps:
+        fail(f"--total-timesteps {args.total_timesteps} is below step {saved['step']}, which {args.resume} has reached; give at least that", 2)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     env, eval_envs = make_envs(args)

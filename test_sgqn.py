@@ -1617,6 +1617,7 @@ def test_resume_survives_a_kill_amid_a_checkpoint_write_and_extends(resumed_runs
     stdout, stderr = extend.communicate(timeout=600)
     assert extend.returncode == 0 and "resumed" in stdout, stderr
     assert json.loads((run / "results.json").read_text())["step"] == 64
+    assert sgqn.parse_args(["--resume", str(run)]).total_timesteps == 64  # a later plain --resume keeps the extension
     rows = metric_rows(run)
     assert rows[: len(metric_rows(straight))] == metric_rows(straight) and [r["step"] for r in rows if "mode" in r][-2:] == [64, 64]
     out = run_script(["--checkpoint", str(run / "checkpoint.pt"), "--eval-only", "--eval-modes", "color_hard", "--final-eval-episodes",
@@ -1783,6 +1784,7 @@ def _bad_checkpoint_and_data_cases(tmp_path, run_dir):
         (["--resume", str(run_dir), "--action-repeat", "4"], ["--action-repeat", "differs", "50"], 2),
         (["--resume", str(run_dir), "--batch-size", "128"], ["--batch-size 128 differs"], 2),  # the default, given explicitly
         (["--resume", str(data)], ["--resume", "args.json"], 2),
+        (["--resume", str(run_dir), "--total-timesteps", "59"], ["--total-timesteps 59 is below step 60"], 2),
         (["--eval-only", "--checkpoint", checkpoint, "--num-filters", "16"], ["--num-filters", "checkpoint's 8"], 2),
         (["--checkpoint", checkpoint, "--eval-modes", "train"], [checkpoint, "--num-filters 8", "does not fit"], 2),
         (["--checkpoint", str(truncated), "--eval-only"], ["truncated.pt", "truncated or corrupt"], 1),
