@@ -1843,25 +1843,28 @@ def load_benchmark(name):
     return module
 
 
-def write_run(root, env_id, algo, seed, curves, final=None, action_repeat=8):
+def write_run(root, env_id, algo, seed, curves, final=None, action_repeat=8, total_timesteps=None):
     """A run folder as sgqn.py leaves it: curves {mode: {step: return}}, final {mode: (mean, std, episodes)} or None
-    (an unfinished run, without results.json)."""
+    (an unfinished run, without results.json), the results at the last step of curves, which is the run's length
+    unless total_timesteps says otherwise (a run extended with --resume)."""
     run_dir = root / f"{env_id}__{algo}__seed{seed}"
     run_dir.mkdir(parents=True)
     switches = {"sgsac": {}, "sac": dict(consistency_coef=0.0, aux_update_freq=0), "sac-consistency": dict(aux_update_freq=0)}[algo]
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(sgqn.Args(env_id=env_id, seed=seed, action_repeat=action_repeat, **switches))))
+    last = max(next(iter(curves.values())))
+    args = sgqn.Args(env_id=env_id, seed=seed, action_repeat=action_repeat, total_timesteps=total_timesteps or last, **switches)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args)))
     rows = [dict(step=step, mode=mode, eval_return=value, eval_std=1.0, episodes=5) for mode, c in curves.items() for step, value in c.items()]
     rows.insert(1, dict(step=125, frames=1000, td=1.0, episodic_return=123.0))  # a training row, ignored
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if final:
         results = {mode: dict(mean=m, std=s, episodes=n) for mode, (m, s, n) in final.items()}
-        (run_dir / "results.json").write_text(json.dumps(dict(step=max(next(iter(curves.values()))), results=results)))
+        (run_dir / "results.json").write_text(json.dumps(dict(step=last, results=results)))
     return str(run_dir)
 
 
 def test_report_table_and_curves(tmp_path):
     """report.py's Table 1 layout: mean ± std over seeds (numpy's std, ddof 0) with n; one seed shows its episodes'
-    std; an unfinished run counts in the curves only; the random policy only on its own task. The curves are the
+    std; an unfinished run (or one extended past its results) counts in the curves only; the random policy only on its own task. The curves are the
     mean over seeds with the lowest-to-highest range."""
     report = load_benchmark("report")
     balance, walker = "cartpole-balance", "walker-stand"
@@ -1869,7 +1872,8 @@ def test_report_table_and_curves(tmp_path):
                       {"train": (400 + 100 * seed, 9.0, 10), "video_hard": (200 + 100 * seed, 9.0, 10)}) for seed in (1, 2, 3)]
     dirs.append(write_run(tmp_path, balance, "sac", 1, {"train": {0: 50, 500: 60}, "video_hard": {0: 5, 500: 6}},
                           {"train": (250.4, 30.2, 10), "video_hard": (101.0, 12.0, 10)}))
-    dirs.append(write_run(tmp_path, balance, "sac", 2, {"train": {0: 70, 500: 90, 1000: 95}, "video_hard": {0: 7, 500: 8}}))  # unfinished
+    dirs.append(write_run(tmp_path, balance, "sac", 2, {"train": {0: 70, 500: 90, 1000: 95}, "video_hard": {0: 7, 500: 8}},
+                          {"train": (95.0, 1.0, 10), "video_hard": (8.0, 1.0, 10)}, total_timesteps=2000))  # extended: unfinished
     dirs += [write_run(tmp_path, walker, "sac", seed, {"train": {0: seed}}, {"train": (300.0 + 50 * seed, 1.0, 10)}, action_repeat=4)
              for seed in (1, 2)]
     random = dict(env_id=balance, action_repeat=8, seed=1, returns={"train": [100.0, 300.0], "video_hard": [100.0, 300.0]})

@@ -8,7 +8,8 @@ Reads each run folder's args.json, metrics.jsonl and results.json, groups the ru
 repeat) and algorithm (sgsac, sac, sac-consistency, sac-selfsup, from the run's switches), and prints one
 table per evaluation mode in the layout of the paper's Table 1: a row per task, a column per algorithm, the
 final return as mean +- std over seeds (n = seeds). With a single seed the +- is the std over that run's
-final evaluation episodes, marked "ep". A run without results.json (unfinished) counts in the curves only.
+final evaluation episodes, marked "ep". A run without results.json, or extended past it
+(--resume --total-timesteps, still going), counts in the curves only.
 --plot draws, per task and mode, the evaluation return against agent steps (simulator frames on the top
 axis): the mean over the group's seeds and the range from the lowest to the highest seed, and the random
 policy's mean as a dashed line when --random gives learning.py's random_policy.json. Needs matplotlib.
@@ -54,9 +55,9 @@ def read_run(run_dir):
         if "eval_return" in row:
             curves[row["mode"]].append((row["step"], row["eval_return"]))
     final = None
-    if (run_dir / "results.json").is_file():
-        results = json.loads((run_dir / "results.json").read_text())["results"]
-        final = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results.items()}
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
+    if results and results["step"] >= args["total_timesteps"]:  # (a run extended with --resume is unfinished again)
+        final = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results["results"].items()}
     return (args["env_id"], args["action_repeat"]), sgqn.algorithm(SimpleNamespace(**args)), args["seed"], dict(curves), final
 
 
