@@ -1864,18 +1864,19 @@ def write_run(root, env_id, algo, seed, curves, final=None, action_repeat=8, tot
 
 def test_report_table_and_curves(tmp_path):
     """report.py's Table 1 layout: mean ± std over seeds (numpy's std, ddof 0) with n; one seed shows its episodes'
-    std; an unfinished run (or one extended past its results) counts in the curves only; the random policy only on its own task. The curves are the
-    mean over seeds with the lowest-to-highest range."""
+    std; an unfinished run (or one extended past its results) counts in the curves only; the random policy only on
+    its own task. The curves are the mean over seeds with the lowest-to-highest range."""
     report = load_benchmark("report")
     balance, walker = "cartpole-balance", "walker-stand"
     dirs = [write_run(tmp_path, balance, "sgsac", seed, {"train": {0: 100 * seed, 500: 200 * seed}, "video_hard": {0: 10 * seed, 500: 20 * seed}},
                       {"train": (400 + 100 * seed, 9.0, 10), "video_hard": (200 + 100 * seed, 9.0, 10)}) for seed in (1, 2, 3)]
     dirs.append(write_run(tmp_path, balance, "sac", 1, {"train": {0: 50, 500: 60}, "video_hard": {0: 5, 500: 6}},
                           {"train": (250.4, 30.2, 10), "video_hard": (101.0, 12.0, 10)}))
-    dirs.append(write_run(tmp_path, balance, "sac", 2, {"train": {0: 70, 500: 90, 1000: 95}, "video_hard": {0: 7, 500: 8}},
-                          {"train": (95.0, 1.0, 10), "video_hard": (8.0, 1.0, 10)}, total_timesteps=2000))  # extended: unfinished
+    dirs.append(write_run(tmp_path, balance, "sac", 2, {"train": {0: 70, 500: 90, 1000: 95}, "video_hard": {0: 7, 500: 8}}))  # unfinished
     dirs += [write_run(tmp_path, walker, "sac", seed, {"train": {0: seed}}, {"train": (300.0 + 50 * seed, 1.0, 10)}, action_repeat=4)
              for seed in (1, 2)]
+    dirs.append(write_run(tmp_path, walker, "sac", 3, {"train": {0: 3}}, {"train": (900.0, 1.0, 10)}, action_repeat=4,
+                          total_timesteps=2000))  # finished at step 0, then extended with --resume: unfinished again
     random = dict(env_id=balance, action_repeat=8, seed=1, returns={"train": [100.0, 300.0], "video_hard": [100.0, 300.0]})
     groups = report.group_runs(dirs)
     lines = report.tables(groups, random).splitlines()
@@ -1884,7 +1885,7 @@ def test_report_table_and_curves(tmp_path):
     assert lines[train + 3 : train + 5] == ["| cartpole-balance (action repeat 8) | 600 ± 82 (3) | 250 ± 30 ep (1) | 200 ± 100 ep (2) |",
                                             "| walker-stand (action repeat 4) | - | 375 ± 25 (2) | - |"]
     assert lines[video_hard + 3] == "| cartpole-balance (action repeat 8) | 400 ± 82 (3) | 101 ± 12 ep (1) | 200 ± 100 ep (2) |"
-    assert lines[-1].startswith("unfinished (curves only): ") and dirs[4] in lines[-1]
+    assert lines[-1].startswith("unfinished (curves only): ") and dirs[4] in lines[-1] and dirs[7] in lines[-1]
 
     fig = report.plot(groups, random, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
