@@ -448,7 +448,7 @@ def test_envs_blob_table():
                 checked += 1
         table = dict(line.split()[::-1] for line in (ENVS_SHARED / "GIT_BLOBS").read_text().splitlines())
         assert table == envs.GIT_BLOBS
-    assert checked == (15 if ENVS_HAVE_SHARED else 0)
+    assert checked == (108 if ENVS_HAVE_SHARED else 0)  # 2 colour tables, 6 video_easy and 100 video_hard videos
 
 
 def test_envs_git_blob_id(tmp_path):
@@ -1832,6 +1832,212 @@ def test_run_folders_are_never_reused(tmp_path):
     args = sgqn.Args(output_dir=str(tmp_path))
     first, second = sgqn.make_run_dir(args), sgqn.make_run_dir(args)
     assert first != second and first.is_dir() and second.is_dir()
+
+
+# ---- sgqn.py: the loop's glue ----
+# What main hands to update, the evaluation protocol, the optimisers, the signals and a mid-episode env restore,
+# each checked against something written here: the replay files, a hand-written evaluation loop, the paper's table.
+
+GLUE = dict(seed=5, total_timesteps=12, learning_starts=8, batch_size=8, eval_freq=6, eval_episodes=2, final_eval_episodes=3,
+            eval_modes=("train", "video_hard"), action_repeat=50, num_filters=8, hidden_dim=32, overlay_images=16)
+
+
+@pytest.fixture(scope="module")
+def glue_run(tmp_path_factory, e2e_data_dir):
+    """One tiny run of sgqn.main in this process, every call of sgqn.update recorded: -> (run folder, [(batch, step)])."""
+    root = tmp_path_factory.mktemp("glue")
+    calls, real_update = [], sgqn.update
+
+    def recording_update(agent, batch, step, args, overlay):
+        calls.append(([x.detach().clone() for x in batch], step))
+        return real_update(agent, batch, step, args, overlay)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sgqn, "update", recording_update)
+        patch.setenv("DMCGB_VERIFY", "0")  # the tests' data folders are not DMC-GB's files
+        run_dir = sgqn.main(sgqn.Args(**GLUE, data_dir=str(e2e_data_dir), output_dir=str(root)))
+    return run_dir, calls
+
+
+def _hand_shift(x, dy, dx, pad=4):
+    """x (C, H, W) moved by (dy, dx): replicate padding by `pad`, then the crop at (pad + dy, pad + dx)."""
+    h, w = x.shape[1:]
+    return np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="edge")[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+def test_update_receives_shifted_replay_transitions_on_schedule(glue_run):
+    """Every batch that update gets is B transitions of the replay buffer (rebuilt here from its files: frame
+    stacks within an episode, oldest first), obs and next_obs each random-shifted on its own, reward (B, 1); and
+    update runs learning_starts times at the end of the seed steps, then once a step."""
+    run_dir, calls = glue_run
+    B, k = GLUE["batch_size"], 3
+    starts, total = GLUE["learning_starts"], GLUE["total_timesteps"]
+    assert [step for _, step in calls] == [starts] * starts + list(range(starts + 1, total + 1))
+    replay = run_dir / "replay"
+    frames = np.fromfile(replay / "frames.bin", np.uint8).reshape(-1, 3, 84, 84)
+    actions = np.fromfile(replay / "actions.bin", np.float32).reshape(len(frames), -1)
+    rewards, t = np.fromfile(replay / "rewards.bin", np.float32), np.fromfile(replay / "t.bin", np.int64)
+
+    def stack(i):  # the observation whose newest frame is i: k frames of its episode, repeating the first
+        return np.concatenate([frames[i - min(back, t[i])] for back in range(k - 1, -1, -1)])
+
+    shifts = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)]
+    obs_unshifted = next_unshifted = own_shifts = 0
+    for (obs, action, reward, next_obs), _ in calls:
+        assert obs.shape == next_obs.shape == (B, 3 * k, 84, 84) and obs.dtype == next_obs.dtype == torch.float32
+        assert action.shape == (B, 1) and reward.shape == (B, 1)
+        for b in range(B):
+            (j,) = np.flatnonzero((actions[:, 0] == action[b, 0].item()) & (t > 0))  # random actions: one match each
+            assert rewards[j] == reward[b, 0].item()
+            seen = [{s for s in shifts if np.array_equal(_hand_shift(stack(i), *s), x[b].numpy())}
+                    for i, x in ((j - 1, obs), (j, next_obs))]
+            assert seen[0] and seen[1], "obs and next_obs are the transition's stacks, shifted by at most 4 pixels"
+            obs_unshifted += (0, 0) in seen[0]
+            next_unshifted += (0, 0) in seen[1]
+            own_shifts += not seen[0] & seen[1]
+    samples = len(calls) * B
+    assert obs_unshifted < samples / 4 and next_unshifted < samples / 4 and own_shifts > samples / 2, \
+        (obs_unshifted, next_unshifted, own_shifts, samples)
+
+
+def _hand_mean_action(state, obs):
+    """tanh of the policy mean, computed from the checkpoint's tensors (encoder convs, actor projection and trunk)."""
+    x = torch.as_tensor(obs).float()[None] / 255
+    convs = sorted({k.split(".")[2] for k in state["critic"] if k.startswith("encoder.convs.")}, key=int)
+    for n, i in enumerate(convs):
+        if n:
+            x = F.relu(x)
+        x = F.conv2d(x, state["critic"][f"encoder.convs.{i}.weight"], state["critic"][f"encoder.convs.{i}.bias"],
+                     stride=2 if n == 0 else 1)
+    a = state["actor"]
+    h = F.linear(x.flatten(1), a["projection.0.weight"], a["projection.0.bias"])
+    h = torch.tanh(F.layer_norm(h, h.shape[-1:], a["projection.1.weight"], a["projection.1.bias"]))
+    for i in (0, 2):
+        h = F.relu(F.linear(h, a[f"trunk.{i}.weight"], a[f"trunk.{i}.bias"]))
+    mean = F.linear(h, a["trunk.4.weight"], a["trunk.4.bias"]).chunk(2, -1)[0]
+    return torch.tanh(mean)[0].numpy()
+
+
+def test_evaluation_protocol_by_hand(glue_run, e2e_data_dir):
+    """Periodic evaluations at step 0 and every eval_freq steps with eval_episodes, the final one with
+    final_eval_episodes; each on a test env seeded seed + 42, with the policy's mean action; the table is the mean
+    and the population std. The final one is replayed here on a fresh env after the episodes the earlier ones used
+    (a cartpole episode's draws do not depend on its actions)."""
+    run_dir, _ = glue_run
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evals = [(r["step"], r["mode"], r["episodes"]) for r in rows if "mode" in r]
+    e, f = GLUE["eval_episodes"], GLUE["final_eval_episodes"]
+    assert evals == [(0, "train", e), (0, "video_hard", e), (6, "train", e), (6, "video_hard", e), (12, "train", f), (12, "video_hard", f)]
+    state = sgqn.read_checkpoint(run_dir / "checkpoint.pt")  # written just before the final evaluation
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    for mode in GLUE["eval_modes"]:
+        env = envs.make_env("cartpole", GLUE["seed"] + 42, mode, GLUE["action_repeat"], 3, data_dir=e2e_data_dir)
+        for _ in range(2 * e):  # the step-0 and step-6 evaluations' episodes
+            env.reset()
+            while not any(env.step(np.zeros(1, np.float32))[2:4]):
+                pass
+        returns = []
+        for _ in range(f):
+            obs, _ = env.reset()
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(_hand_mean_action(state, obs))
+                total, done = total + reward, terminated or truncated
+            returns.append(total)
+        assert results[mode]["episodes"] == f
+        assert results[mode]["mean"] == pytest.approx(sum(returns) / f, rel=1e-5), mode
+        assert results[mode]["std"] == pytest.approx(math.sqrt(sum((r - sum(returns) / f) ** 2 for r in returns) / f), rel=1e-4, abs=1e-6)
+
+
+def test_optimisers_own_their_parameters_with_the_papers_settings():
+    """SPEC.md's table, written out: actor and critic Adam lr 1e-3, betas (0.9, 0.999); temperature init 0.1, Adam lr
+    1e-4, betas (0.5, 0.999); the attribution predictor's Adam lr 3e-4, beta1 0.9, over the shared encoder, the critic's
+    projection and the decoder. The critic's optimiser holds the encoder, the actor's does not."""
+    agent = sgqn.make_agent(OBS_SHAPE, ACTION_DIM, sgqn.Args(num_filters=8, hidden_dim=32), torch.device("cpu"))
+    critic, encoder = agent.critic, agent.critic.encoder
+    expected = {
+        "critic_optimizer": ([*critic.parameters()], 1e-3, (0.9, 0.999)),
+        "actor_optimizer": ([*agent.actor.parameters()], 1e-3, (0.9, 0.999)),
+        "alpha_optimizer": ([agent.log_alpha], 1e-4, (0.5, 0.999)),
+        "aux_optimizer": ([*encoder.parameters(), *critic.projection.parameters(), *agent.decoder.parameters()], 3e-4, (0.9, 0.999)),
+    }
+    for name, (params, lr, betas) in expected.items():
+        (group,) = getattr(agent, name).param_groups
+        assert {id(p) for p in group["params"]} == {id(p) for p in params} and len(group["params"]) == len(params), name
+        assert (group["lr"], group["betas"]) == (lr, betas), name
+    assert not {id(p) for p in encoder.parameters()} & {id(p) for p in agent.actor.parameters()}
+    assert not {id(p) for p in agent.critic_target.parameters()} & {id(p) for p in critic.parameters()}
+    assert agent.log_alpha.exp().item() == pytest.approx(0.1)
+
+
+def test_accepted_edge_values_pass_check_args():
+    for edge in (dict(gamma=1.0), dict(critic_tau=0.0, encoder_tau=0.0), dict(critic_tau=1.0, encoder_tau=1.0),
+                 dict(consistency_coef=0.0, aux_update_freq=0), dict(overlay_alpha=0.0), dict(overlay_alpha=1.0), dict(shift_pad=0)):
+        sgqn.check_args(sgqn.Args(**edge))  # returns, no SystemExit
+
+
+def test_env_state_restored_mid_episode_on_video_hard(e2e_data_dir):
+    """get_state amid an episode on video_hard, set_state on a fresh env made with another seed: the next frames,
+    rewards and video frames are those of the env that was never interrupted."""
+    env = envs.make_env("cartpole", 3, "video_hard", 8, 3, data_dir=e2e_data_dir)
+    actions = _envs_actions(env, 12, seed=4)
+    env.reset()
+    env.reset()  # the second episode: a later video
+    for a in actions[:5]:
+        env.step(a)
+    state = env.get_state()
+    straight = [env.step(a) for a in actions[5:]]
+    other = envs.make_env("cartpole", 99, "video_hard", 8, 3, data_dir=e2e_data_dir)
+    other.reset()
+    resumed_obs = other.set_state(state)
+    assert np.array_equal(resumed_obs, np.concatenate(list(state["frames"].numpy())))
+    resumed = [other.step(a) for a in actions[5:]]
+    for (o1, r1, *_, i1), (o2, r2, *_, i2) in zip(straight, resumed):
+        assert np.array_equal(o1, o2) and r1 == r2 and i1 == i2
+    assert straight[-1][4]["video_frame"] == 5 + len(actions[5:])  # not vacuous: it played on, mid-episode
+
+
+SIGNALLED = ("--env-id cartpole --total-timesteps 60 --learning-starts 24 --batch-size 16 --eval-freq 1000 --checkpoint-freq 7 "
+             "--eval-episodes 1 --final-eval-episodes 1 --action-repeat 50 --overlay-images 16 --eval-modes train")
+
+
+def test_signals_through_the_real_script(resumed_runs, tmp_path, e2e_data_dir):
+    """SIGTERM checkpoints and exits 143; a second Ctrl-C stops at once and keeps the previous checkpoint whole;
+    Ctrl-C during --eval-only exits 130 with one line. Each signal lands amid the catch-up (or the evaluation)."""
+    straight, _, _ = resumed_runs
+    args = [*SIGNALLED.split(), "--data-dir", str(e2e_data_dir)]
+    term, twice = start_script([*args, "--output-dir", "term"], tmp_path), start_script([*args, "--output-dir", "twice"], tmp_path)
+    evaluating = start_script(["--checkpoint", str(straight / "checkpoint.pt"), "--eval-only", "--final-eval-episodes", "100",
+                               "--eval-modes", "train", "--data-dir", str(e2e_data_dir), "--output-dir", "eval"], tmp_path)
+    for process in (term, twice):
+        for line in process.stdout:
+            if "catching up with 24 updates" in line:
+                break
+    term.send_signal(signal.SIGTERM)
+    twice.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # two signals at once would reach Python's handler as one
+    twice.send_signal(signal.SIGINT)
+    while not (tmp_path / "eval").exists() and evaluating.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the episodes
+    evaluating.send_signal(signal.SIGINT)
+    for process, status in ((term, 143), (twice, 130), (evaluating, 130)):
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == status and "Traceback" not in stderr, (status, stderr)
+    (term_dir,), (twice_dir,), (eval_dir,) = ((tmp_path / name).iterdir() for name in ("term", "twice", "eval"))
+    assert sgqn.read_checkpoint(term_dir / "checkpoint.pt")["step"] == 24
+    assert sgqn.read_checkpoint(twice_dir / "checkpoint.pt")["step"] == 21  # the one before the catch-up
+    assert not list(twice_dir.glob(".*.tmp"))
+    assert stderr.strip().splitlines()[-1] == f"interrupted; the evaluation's outputs so far are in {eval_dir.relative_to(tmp_path)}"
+    assert not (eval_dir / "results.json").exists()
+
+
+def test_real_dmcgb_data_used():
+    """Says which variant the data-dependent tests ran: the real DMC-GB files of ../shared/dmcgb, or (a visible skip)
+    the small synthetic ones."""
+    if not ENVS_HAVE_SHARED:
+        pytest.skip("../shared/dmcgb is absent: the DMC-GB tests ran on synthetic data only")
+    assert len(envs.required_files("video_hard")) == len(list((ENVS_SHARED / "video_hard").glob("video*.mp4"))) == 100
 
 
 # ---- benchmarks/learning.py and benchmarks/report.py ----
