@@ -43,15 +43,21 @@ Where we differ from the authors' code (SuReLI/SGQN, DMC/), on purpose:
 import contextlib
 import copy
 import dataclasses
+import errno
+import fcntl
 import functools
+import io
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -63,11 +69,13 @@ import tyro
 
 import envs
 
+NUM_CONV_LAYERS = 11  # the only depth at 84x84 whose 21x21 output the decoder's two x2 upsamplings turn back into 84x84
+
 
 @dataclass
 class Args:
     env_id: str = "cartpole"
-    """DMC task: a domain for its DMC-GB task (cartpole, walker, finger, ball_in_cup) or domain-task"""
+    """DMC task: a domain for its DMC-GB task (cartpole, walker, finger, ball_in_cup, cheetah, reacher) or domain-task"""
     rho: float = 0.98
     """saliency quantile: the mask keeps pixels at or above it (0.98 cartpole/ball_in_cup, 0.95 walker/finger)"""
     seed: int = 1
@@ -114,8 +122,6 @@ class Args:
     """folder of JPEG/PNG images to overlay (Places365 reproduces the paper); none: procedural images"""
     overlay_images: int = 10_000
     """overlay images kept on the device (loaded once)"""
-    num_conv_layers: int = 11
-    """conv layers of the shared encoder"""
     num_filters: int = 32
     """filters per conv layer"""
     projection_dim: int = 100
@@ -127,7 +133,7 @@ class Args:
     log_std_max: float = 2.0
     """actor log-std upper bound"""
     eval_freq: int = 10_000
-    """evaluate every this many agent steps"""
+    """evaluate every this many agent steps (and at step 0)"""
     eval_episodes: int = 10
     """episodes per mode in the periodic evaluations"""
     final_eval_episodes: int = 100
@@ -143,7 +149,7 @@ class Args:
     capture_video: bool = False
     """save an MP4 of one evaluation episode per mode beside the predicted saliency"""
     checkpoint_freq: int = 5000
-    """save a checkpoint every this many agent steps (and at every evaluation and on Ctrl-C)"""
+    """save a checkpoint every this many agent steps (and before every evaluation and on Ctrl-C)"""
     resume: str | None = None
     """continue the run in this folder from its latest checkpoint, exactly (--total-timesteps may extend it)"""
     checkpoint: str | None = None
@@ -193,13 +199,14 @@ def load_images(folder, n, size, rng):
     """Up to n JPEG/PNG images from folder (recursively), centre-cropped and resized: (n, 3, size, size) uint8."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not paths:
-        fail(f"no JPEG/PNG images in --overlay-dir {folder}; give an image folder or leave it out", 2)
+        raise ValueError(f"no JPEG/PNG images in --overlay-dir {folder}; give an image folder or leave it out")
     images = []
     for i in rng.permutation(len(paths))[:n]:
         try:
             pixels = np.atleast_3d(iio.imread(paths[i]))
         except Exception as e:  # truncated or not an image: imageio's message would blame its plugins
-            fail(f"--overlay-dir: cannot read image {paths[i]} ({type(e).__name__}); remove it or give another folder", 2)
+            raise ValueError(f"--overlay-dir: cannot read image {paths[i]} ({type(e).__name__}); remove it or "
+                             "give another folder") from None
         pixels = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # RGB(A) or grey(+alpha)
         img = torch.from_numpy(pixels.copy()).permute(2, 0, 1).expand(3, -1, -1).float()
         side = min(img.shape[1:])
@@ -277,9 +284,8 @@ def weight_init(m):
 
 
 def mlp(in_dim, hidden_dim, out_dim):
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
-    )
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                         nn.Linear(hidden_dim, out_dim))
 
 
 def projection(in_dim, out_dim):
@@ -343,7 +349,7 @@ class Actor(nn.Module):
         pi = mean + noise * log_std.exp()
         log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True) - 0.5 * math.log(2 * math.pi) * noise.shape[-1]
         pi = torch.tanh(pi)
-        log_prob = log_prob - torch.log(F.relu(1 - pi.pow(2)) + 1e-6).sum(-1, keepdim=True)  # tanh change of variables
+        log_prob -= torch.log(F.relu(1 - pi.pow(2)) + 1e-6).sum(-1, keepdim=True)  # tanh change of variables
         return torch.tanh(mean), pi, log_prob
 
 
@@ -365,15 +371,11 @@ class AttributionDecoder(nn.Module):
 
     def __init__(self, encoder_shape, obs_shape, action_dim, projection_dim):
         super().__init__()
-        obs_channels, obs_size = obs_shape[0], obs_shape[-1]
-        if 4 * encoder_shape[-1] != obs_size:
-            raise ValueError(f"the attribution decoder upsamples x4, so the encoder must output a {obs_size // 4}x{obs_size // 4} "
-                             f"map, not {encoder_shape[-1]}x{encoder_shape[-1]}: keep --num-conv-layers 11 at 84x84")
         self.encoder_shape = encoder_shape  # (32, 21, 21)
         self.linear = nn.Linear(projection_dim + action_dim, math.prod(encoder_shape))
         self.conv1 = nn.Conv2d(encoder_shape[0], 128, 3, padding=1)
         self.conv2 = nn.Conv2d(128, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, obs_channels, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, obs_shape[0], 3, padding=1)
 
     def forward(self, projected, action):
         x = F.relu(self.linear(torch.cat([projected, action], 1)).view(-1, *self.encoder_shape))  # (B, 32, 21, 21)
@@ -394,7 +396,7 @@ class ReplayBuffer:
         self.rewards = np.empty(capacity, np.float32)
         self.t = np.zeros(capacity, np.int64)  # frame index within its episode
         self.capacity, self.frame_stack, self.next, self.size = capacity, frame_stack, 0, 0
-        self.added = self.saved = 0  # frames added in the whole run, and how many of them save() has written
+        self.added = self.saved = 0  # frames added in the whole run, and how many of them are on disk (--resume)
 
     def add(self, frame, action=None, reward=0.0, first=False):
         """Add the newest frame: `first` at reset, else with the action and reward that led to it."""
@@ -403,42 +405,6 @@ class ReplayBuffer:
         self.t[j] = 0 if first else self.t[j - 1] + 1
         self.actions[j], self.rewards[j] = (0.0, 0.0) if first else (action, reward)  # a reset frame has none
         self.next, self.size, self.added = (j + 1) % self.capacity, min(self.size + 1, self.capacity), self.added + 1
-
-    def _pieces(self, start, stop):
-        """Frames start..stop-1 of the run as contiguous ring slices: (run index, slot, count)."""
-        while start < stop:
-            slot = start % self.capacity
-            count = min(stop - start, self.capacity - slot)
-            yield start, slot, count
-            start += count
-
-    def save(self, folder):
-        """Write the frames added since the last save into folder's files, entry i of the run at offset i (so a
-        checkpoint never rewrites what is on disk); frames evicted before a save are holes, never read again."""
-        folder.mkdir(exist_ok=True)
-        for name in ("frames", "actions", "rewards", "t"):
-            array, path = getattr(self, name), folder / f"{name}.bin"
-            with open(path, "r+b" if path.exists() else "wb") as f:
-                for start, slot, count in self._pieces(max(self.saved, self.added - self.capacity), self.added):
-                    f.seek(start * array[0].nbytes)
-                    f.write(array[slot : slot + count].data.cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-        self.saved = self.added
-
-    def load(self, folder, added):
-        """The buffer as it was when `added` frames had been added (and saved): what was written after that
-        checkpoint is cut off the files, and the last `capacity` frames go back to their ring slots."""
-        for name in ("frames", "actions", "rewards", "t"):
-            array = getattr(self, name)
-            with open(folder / f"{name}.bin", "r+b") as f:
-                f.truncate(added * array[0].nbytes)
-                for start, slot, count in self._pieces(max(0, added - self.capacity), added):
-                    f.seek(start * array[0].nbytes)
-                    if f.readinto(array[slot : slot + count].data.cast("B")) != array[slot : slot + count].nbytes:
-                        raise OSError(f"{f.name} is shorter than its checkpoint says")
-        self.added = self.saved = added
-        self.next, self.size = added % self.capacity, min(added, self.capacity)
 
     def _stack(self, j, t):
         offsets = np.minimum(np.arange(self.frame_stack - 1, -1, -1), t[:, None])  # (B, k), oldest first
@@ -465,8 +431,8 @@ def act(encoder, actor, obs, device, deterministic):
 
 
 def evaluate(env, encoder, actor, episodes, device, frames_out=None):
-    """Mean-action returns of `episodes` episodes; with frames_out (a list), the first episode's obs."""
-    returns = []
+    """Yields the return of each of `episodes` episodes of the mean action; with frames_out (a list), the first
+    episode's observations are appended to it."""
     for episode in range(episodes):
         obs, _ = env.reset()
         total, done = 0.0, False
@@ -475,27 +441,7 @@ def evaluate(env, encoder, actor, episodes, device, frames_out=None):
                 frames_out.append(obs)
             obs, reward, terminated, truncated, _ = env.step(act(encoder, actor, obs, device, deterministic=True))
             total, done = total + reward, terminated or truncated
-        returns.append(total)
-    return returns
-
-
-def saliency_picture(critic, decoder, actor, obs, rho):
-    """One row per frame: RGB | guided-backprop map | binary mask | predicted mask. obs: (9, 84, 84) uint8."""
-    x = torch.as_tensor(obs, device=critic.q1[0].weight.device).float()[None]
-    with torch.no_grad():
-        features = critic.encoder(x)
-        action = actor(features)[0]
-        predicted = torch.sigmoid(decoder(critic.projection(features), action))[0]  # (9, 84, 84)
-    attribution = guided_backprop(critic, x, action)
-    mask = saliency_mask(attribution, rho)[0]
-    per_frame = attribution[0].abs().view(-1, 3, *x.shape[2:]).amax(1)  # (k, 84, 84)
-    rows = []
-    for f in range(x.shape[1] // 3):
-        gray = [per_frame[f] / per_frame[f].max().clamp(min=1e-12), mask[3 * f], predicted[3 * f : 3 * f + 3].mean(0)]
-        tiles = [obs[3 * f : 3 * f + 3].transpose(1, 2, 0)]
-        tiles += [np.repeat((g.cpu().numpy() * 255).astype(np.uint8)[..., None], 3, 2) for g in gray]
-        rows.append(np.concatenate(tiles, 1))
-    return np.concatenate(rows, 0)
+        yield total
 
 
 # ---------------------------------------------------------------- training
@@ -513,9 +459,10 @@ class Agent:
 
 
 def make_agent(obs_shape, action_dim, args, device):
-    encoder = Encoder(obs_shape, args.num_conv_layers, args.num_filters).to(device)
+    encoder = Encoder(obs_shape, NUM_CONV_LAYERS, args.num_filters).to(device)
     critic = Critic(encoder, action_dim, args.projection_dim, args.hidden_dim).to(device)
-    actor = Actor(encoder.out_dim, action_dim, args.projection_dim, args.hidden_dim, args.log_std_min, args.log_std_max).to(device)
+    actor = Actor(encoder.out_dim, action_dim, args.projection_dim, args.hidden_dim, args.log_std_min,
+                  args.log_std_max).to(device)
     decoder = AttributionDecoder(encoder.out_shape, obs_shape, action_dim, args.projection_dim).to(device)
     log_alpha = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
     # the attribution predictor is the critic's encoder and projection + the decoder: its step trains them all
@@ -595,7 +542,8 @@ def update(agent, batch, step, args, overlay):
 
         # Polyak averaging, target = (1 - tau) * target + tau * online; the encoder includes the critic's projection
         with torch.no_grad():
-            for name, tau in (("encoder", args.encoder_tau), ("projection", args.encoder_tau), ("q1", args.critic_tau), ("q2", args.critic_tau)):
+            for name, tau in (("encoder", args.encoder_tau), ("projection", args.encoder_tau),
+                              ("q1", args.critic_tau), ("q2", args.critic_tau)):
                 online, target = getattr(critic, name), getattr(agent.critic_target, name)
                 torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
@@ -610,16 +558,20 @@ def update(agent, batch, step, args, overlay):
     return {name: loss.detach() for name, loss in losses.items()}
 
 
-# ---------------------------------------------------------------- run: checks, folder, checkpoints
-CHECKPOINT_FORMAT = "sgqn.py checkpoint 1"
+# ================================================================ run machinery
+# Everything below runs the method: settings and their checks, the run folder, checkpoints and exact resume, signals,
+# progress lines and the training loop. A copy of SG-SAC into another code base needs none of it.
+CHECKPOINT_FORMAT = "sgqn.py checkpoint 2"
 # flags that --resume may change (the rest is what the run is), and those --eval-only takes from its command line
 RESUME_MAY_CHANGE = ("resume", "total_timesteps", "data_dir", "output_dir", "cuda", "capture_video")
-EVAL_ONLY_FLAGS = ("checkpoint", "eval_only", "eval_modes", "final_eval_episodes", "data_dir", "output_dir", "cuda", "capture_video")
+EVAL_ONLY_FLAGS = ("checkpoint", "eval_only", "eval_modes", "final_eval_episodes", "data_dir", "output_dir", "cuda",
+                   "capture_video")
 LOWER_BOUNDS = {"aux_update_freq": 0, "shift_pad": 0, "seed": 0}  # every other integer flag counts something: >= 1
 RANGES = {  # float flags: (low, high, which ends are allowed)
     "rho": (0, 1, "()"), "gamma": (0, 1, "(]"), "critic_tau": (0, 1, "[]"), "encoder_tau": (0, 1, "[]"),
     "overlay_alpha": (0, 1, "[]"), "init_temperature": (0, math.inf, "()"), "consistency_coef": (0, math.inf, "[)"),
-    "actor_lr": (0, math.inf, "[)"), "critic_lr": (0, math.inf, "[)"), "alpha_lr": (0, math.inf, "[)"), "aux_lr": (0, math.inf, "[)"),
+    "actor_lr": (0, math.inf, "[)"), "critic_lr": (0, math.inf, "[)"), "alpha_lr": (0, math.inf, "[)"),
+    "aux_lr": (0, math.inf, "[)"),
 }
 
 
@@ -634,145 +586,148 @@ def flag(name):
 
 
 def parse_args(argv):
-    """The command line. With --resume, the run's own args.json with the given flags on top; with --eval-only, the
-    checkpoint's settings. A flag that changes what the run is (not in RESUME_MAY_CHANGE / EVAL_ONLY_FLAGS) fails."""
+    """-> (args, checkpoint or None). With --resume or --eval-only the checkpoint is read once and its settings are
+    the run's; only the flags of RESUME_MAY_CHANGE / EVAL_ONLY_FLAGS may be given on top."""
     args = tyro.cli(Args, args=argv)
-    if args.resume:
-        path = Path(args.resume) / "args.json"
-        if not path.is_file():
-            fail(f"--resume {args.resume} is not a run folder of sgqn.py (no args.json); give the folder a run printed", 2)
-        saved, own, what = args_from(json.loads(path.read_text()), path), RESUME_MAY_CHANGE, "the run's"
-    elif args.eval_only and args.checkpoint:
-        saved, own, what = args_from(read_checkpoint(args.checkpoint)["args"], args.checkpoint), EVAL_ONLY_FLAGS, "the checkpoint's"
-        # a resumed run's checkpoint names its folder in --resume: how that process started, not what the run is
-        saved = dataclasses.replace(saved, resume=None, **{name: getattr(Args(), name) for name in own})
-    else:
-        return args
-    merged = tyro.cli(Args, args=argv, default=saved)
+    if not (args.resume or args.eval_only and args.checkpoint):
+        return args, None
+    source, what = ("--resume", "the run's") if args.resume else ("--checkpoint", "the checkpoint's")
+    if args.resume and not (Path(args.resume) / "args.json").is_file():
+        fail(f"--resume {args.resume} is not a run folder of sgqn.py (no args.json); give the folder a run printed", 2)
+    saved = read_checkpoint(Path(args.resume) / "checkpoint.pt" if args.resume else args.checkpoint, source)
+    own = RESUME_MAY_CHANGE if args.resume else EVAL_ONLY_FLAGS
+    settings = args_from(saved, source)  # a resumed run keeps its data dir, output dir...; an evaluation starts afresh
+    if args.eval_only:
+        settings = dataclasses.replace(settings, resume=None, **{name: getattr(Args(), name) for name in own})
+    merged = tyro.cli(Args, args=argv, default=settings)
     for name in (f.name for f in dataclasses.fields(Args) if f.name not in own):
-        if getattr(merged, name) != getattr(saved, name):
-            fail(f"{flag(name)} {getattr(merged, name)} differs from {what} {getattr(saved, name)}; leave it out "
-                 f"(only {' '.join(flag(n) for n in own)} may be given)", 2)
+        if getattr(merged, name) != getattr(settings, name):
+            fail(f"{flag(name)} {getattr(merged, name)} differs from {what} {getattr(settings, name)}; "
+                          f"leave it out (only {' '.join(flag(n) for n in own)} may be given)", 2)
+    if args.resume and saved["progress"]["step"] > merged.total_timesteps:
+        fail(f"--total-timesteps {merged.total_timesteps} is below step {saved['progress']['step']}, which "
+                      f"{args.resume} has reached; give at least that", 2)
     if args.eval_only:
         print(f"evaluating with the checkpoint's settings: {merged.env_id}, action repeat {merged.action_repeat}, "
               f"frame stack {merged.frame_stack}, seed {merged.seed}, rho {merged.rho}")
-    return merged
+    return merged, saved
 
 
 def args_from(saved, source):
     try:
-        return Args(**{**saved, "eval_modes": tuple(saved["eval_modes"])})
+        return Args(**{**saved["args"], "eval_modes": tuple(saved["args"]["eval_modes"])})
     except (TypeError, KeyError) as e:
-        fail(f"{source} was written by another version of sgqn.py ({e})")
+        fail(f"{source}: the checkpoint was written by another version of sgqn.py ({e})")
 
 
 def check_args(args):
     """Every flag, before anything is built: counts and frequencies, ranges, relations, sizes, paths (status 2)."""
     for f in dataclasses.fields(Args):
-        value = getattr(args, f.name)
-        if f.type is int and value < LOWER_BOUNDS.get(f.name, 1):
-            fail(f"{flag(f.name)} must be at least {LOWER_BOUNDS.get(f.name, 1)}, got {value}", 2)
+        value, low = getattr(args, f.name), LOWER_BOUNDS.get(f.name, 1)
+        if f.type is int and value < low:
+            fail(f"{flag(f.name)} must be at least {low}, got {value}", 2)
         if f.type is float and not math.isfinite(value) and f.name not in RANGES:
             fail(f"{flag(f.name)} must be a finite number, got {value}", 2)
         if f.name in RANGES:
             low, high, ends = RANGES[f.name]
             if not ((low < value or ends[0] == "[" and value == low) and (value < high or ends[1] == "]" and value == high)):
                 fail(f"{flag(f.name)} must be in {ends[0]}{low}, {high}{ends[1]}, got {value}", 2)
-    if not args.log_std_min < args.log_std_max:
-        fail(f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}", 2)
-    if args.learning_starts >= args.total_timesteps and not args.eval_only:
-        fail(f"--learning-starts {args.learning_starts} must be below --total-timesteps {args.total_timesteps}, or no update runs", 2)
-    if args.batch_size > min(args.learning_starts, args.buffer_size - args.frame_stack) and not args.eval_only:
-        fail(f"--batch-size {args.batch_size} is more than the {min(args.learning_starts, args.buffer_size - args.frame_stack)} "
-             f"transitions the buffer holds when updates start; lower it or raise --learning-starts / --buffer-size", 2)
-    if args.seed + 42 >= 2**32:
-        fail(f"--seed must be below {2**32 - 42} (test scenes use seed + 42, a 32-bit seed)", 2)
-    if not args.eval_modes or set(args.eval_modes) - set(envs.MODES):
-        fail(f"--eval-modes {' '.join(args.eval_modes)}: choose one or more of {' '.join(envs.MODES)}", 2)
-    if args.eval_only and not args.checkpoint:
-        fail("--eval-only needs --checkpoint PATH (a checkpoint.pt written by a training run)", 2)
-    if args.resume and (args.checkpoint or args.eval_only):
-        fail("--resume continues a run from its own checkpoint; leave out --checkpoint and --eval-only", 2)
+    problems = [  # (broken, message)
+        (args.log_std_min >= args.log_std_max, f"--log-std-min {args.log_std_min} must be below --log-std-max "
+                                               f"{args.log_std_max}"),
+        (args.learning_starts >= args.total_timesteps and not args.eval_only, f"--learning-starts "
+         f"{args.learning_starts} must be below --total-timesteps {args.total_timesteps}, or no update runs"),
+        (args.batch_size > min(args.learning_starts, args.buffer_size - args.frame_stack) and not args.eval_only,
+         f"--batch-size {args.batch_size} is more than the {min(args.learning_starts, args.buffer_size - args.frame_stack)}"
+         f" transitions the buffer holds when updates start; lower it or raise --learning-starts / --buffer-size"),
+        (args.seed + 42 >= 2**32, f"--seed must be below {2**32 - 42} (test scenes use seed + 42, a 32-bit seed)"),
+        (not args.eval_modes or bool(set(args.eval_modes) - set(envs.MODES)),
+         f"--eval-modes {' '.join(args.eval_modes)}: choose one or more of {' '.join(envs.MODES)}"),
+        (args.eval_only and not args.checkpoint, "--eval-only needs --checkpoint PATH (a checkpoint.pt a training run wrote)"),
+        (args.resume and (args.checkpoint or args.eval_only), "--resume continues a run from its own checkpoint; leave out "
+                                                              "--checkpoint and --eval-only"),
+        (args.overlay_dir and not Path(args.overlay_dir).is_dir(), f"--overlay-dir {args.overlay_dir} is not a folder; "
+                                                                   "give a folder of JPEG/PNG images or leave it out"),
+    ]
+    for broken, message in problems:
+        if broken:
+            fail(message, 2)
     try:
         envs.parse_env_id(args.env_id, envs.import_suite())
     except ValueError as e:
         fail(f"--env-id: {e}", 2)
     except OSError as e:  # no renderer
         fail(str(e))
-    if args.overlay_dir and not Path(args.overlay_dir).is_dir():
-        fail(f"--overlay-dir {args.overlay_dir} is not a folder; give a folder of JPEG/PNG images or leave it out", 2)
-    output = Path(args.output_dir)
-    existing = next(p for p in [output, *output.parents] if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        fail(f"--output-dir {args.output_dir}: {existing} is {'a dangling link' if existing.is_symlink() else 'not a folder'}; "
-             f"give a folder (it is created if missing)", 2)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--output-dir {args.output_dir}: {existing} is not writable; give another folder", 2)
-    try:
-        with torch.device("meta"):  # sizes only: no memory, no random draws
-            make_agent((3 * args.frame_stack, 84, 84), 1, args, torch.device("meta"))
-    except (ValueError, RuntimeError) as e:
-        fail(f"network sizes do not fit together: {' '.join(str(e).split())}", 2)
+    existing = next(p for p in [Path(args.output_dir), *Path(args.output_dir).parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a dangling link" if existing.is_symlink() else "not a folder" if not existing.is_dir() else "not writable"
+        fail(f"--output-dir {args.output_dir}: {existing} is {what}; give a writable folder "
+                      "(it is created if missing)", 2)
 
 
 def read_checkpoint(path, source="--checkpoint"):
     """A checkpoint this program wrote, or one line that says what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
-        fix = "the run stopped before its first checkpoint: start it again" if source == "--resume" else "give a checkpoint.pt that a run wrote"
+        fix = "the run stopped before its first checkpoint: start it again" if source == "--resume" else \
+            "give a checkpoint.pt that a run wrote"
         fail(f"{source}: {path} is not a file; {fix}", 2)
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            fail(f"{source}: {path} is not a checkpoint of sgqn.py (not a file torch.save wrote); give a checkpoint.pt that a run wrote", 2)
+            fail(f"{source}: {path} is not a checkpoint of sgqn.py (not a file torch.save wrote); give a "
+                          "checkpoint.pt that a run wrote", 2)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{source}: {path} is truncated or corrupt ({' '.join(str(e).split())[:160]}); use another copy, or the run "
-             f"folder's checkpoint.pt with --resume")
+        fail(f"{source}: {path} is truncated or corrupt ({' '.join(str(e).split())[:160]}); use another copy, "
+                      "or the run folder's checkpoint.pt with --resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{source}: {path} is a torch file but not a checkpoint of this sgqn.py; give a checkpoint.pt that a run wrote", 2)
+        fail(f"{source}: {path} is a torch file but not a checkpoint of this sgqn.py; give a checkpoint.pt "
+                      "that a run wrote", 2)
     return state
 
 
 def load_agent(agent, state, path):
     """Networks, optimisers and temperature from a checkpoint; one line if it is another task's or other sizes'."""
-    trained = args_from(state["args"], path)
     try:
         for name, value in vars(agent).items():
-            if name == "log_alpha":
-                value.data.copy_(state[name])
-            else:
-                value.load_state_dict(state[name])
+            value.data.copy_(state[name]) if name == "log_alpha" else value.load_state_dict(state[name])
     except (RuntimeError, ValueError, KeyError) as e:
-        sizes = ("env_id", "frame_stack", "num_conv_layers", "num_filters", "projection_dim", "hidden_dim")
-        fail(f"{path} is a checkpoint of {', '.join(f'{flag(n)} {getattr(trained, n)}' for n in sizes)}, which does "
-             f"not fit this run's networks ({' '.join(str(e).split())[:120]}); give those flags or another checkpoint", 2)
+        trained = args_from(state, path)
+        sizes = ", ".join(f"{flag(n)} {getattr(trained, n)}" for n in ("env_id", "frame_stack", "num_filters",
+                                                                       "projection_dim", "hidden_dim"))
+        fail(f"{path} is a checkpoint of {sizes}, which does not fit this run's networks "
+                      f"({' '.join(str(e).split())[:120]}); give those flags or another checkpoint", 2)
 
 
 def make_envs(args):
     """The training env and one env per evaluation mode, after checking every DMC-GB file they need."""
     try:
         envs.ensure_data(args.eval_modes, envs.resolve_data_dir(args.data_dir))
-        env = envs.make_env(args.env_id, args.seed, "train", args.action_repeat, args.frame_stack, data_dir=args.data_dir)
-        eval_envs = {mode: envs.make_env(args.env_id, args.seed + 42, mode, args.action_repeat, args.frame_stack,
-                                         data_dir=args.data_dir) for mode in args.eval_modes}
+        make = functools.partial(envs.make_env, args.env_id, action_repeat=args.action_repeat,
+                                 frame_stack=args.frame_stack, data_dir=args.data_dir)
+        return make(args.seed, "train"), {mode: make(args.seed + 42, mode) for mode in args.eval_modes}
     except envs.DataError as e:
         fail(f"{e}; or give --data-dir, or train without the test scenes: --eval-modes train")
     except (ValueError, OSError) as e:  # a task without test scenes, a video without frames, no renderer
         fail(str(e))
-    return env, eval_envs
 
 
 def algorithm(args):
     """SG-SAC or the ablation that the two switches select (the paper's names)."""
-    return {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup", (False, False): "sac"}[
-        args.consistency_coef > 0, args.aux_update_freq > 0]
+    return {(True, True): "sgsac", (True, False): "sac-consistency", (False, True): "sac-selfsup",
+            (False, False): "sac"}[args.consistency_coef > 0, args.aux_update_freq > 0]
 
 
 def make_run_dir(args):
-    """A new folder for this run's outputs, named after the algorithm: a run never writes into an earlier run's folder."""
-    rho = f"__rho{args.rho}" if algorithm(args) != "sac" else ""  # only saliency uses it
-    name = f"{args.env_id}__{algorithm(args)}{rho}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    """A new folder for this run's outputs: a run never writes into another's. An --eval-only folder is named after
+    the run it evaluates (eval__<run folder>__step<N>), so no glob for training runs picks it."""
+    if args.eval_only:
+        name = f"eval__{Path(args.checkpoint).resolve().parent.name}"
+    else:
+        rho = f"__rho{args.rho}" if algorithm(args) != "sac" else ""  # only saliency uses it
+        name = f"{args.env_id}__{algorithm(args)}{rho}__seed{args.seed}"
+    name = f"{name}__{time.strftime('%Y%m%d-%H%M%S')}"
     for suffix in itertools.count():
         run_dir = Path(args.output_dir) / (f"{name}-{suffix}" if suffix else name)
         try:
@@ -783,15 +738,35 @@ def make_run_dir(args):
                 raise
 
 
-def atomic_write(path, write):
-    """write(file) into a temporary file of path's folder, then rename it over path: a kill at any instant leaves
-    either the old file or the new one, whole."""
+def lock_run_dir(run_dir):
+    """One process per run folder: an exclusive lock on run_dir/.lock for the life of the process (the kernel drops
+    it when the process dies, however it dies). -> the open lock file (keep it open)."""
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"{run_dir} is in use by another process ({lock.read().strip() or 'unknown'}); wait for it to "
+                      "end or stop it, then resume")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
+
+
+def atomic_write(path, data):
+    """data (bytes) into a temporary file of path's folder, renamed over path: a kill at any instant leaves the old file
+    or the new one, whole; a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a power cut
@@ -800,32 +775,81 @@ def atomic_write(path, write):
 
 
 def write_json(path, value):
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+    atomic_write(path, json.dumps(value, indent=2).encode())
 
 
-def save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, **progress):
+@dataclass
+class Progress:
+    """Where the run is, saved and restored as a whole."""
+    step: int = 0  # agent steps taken
+    updates_due: int = 0  # updates still owed for this step: the catch-up after the seed steps can be interrupted
+    episode_return: float = 0.0
+    done: bool = False  # the episode ended at this step and the env is not reset yet
+    losses: dict = field(default_factory=dict)  # the last value of each loss (every-2-steps ones stay until renewed)
+    results: dict = field(default_factory=dict)  # the last evaluation
+
+
+def ring_pieces(capacity, start, stop):
+    """Entries start..stop-1 of the run as contiguous slices of a ring of `capacity`: (run index, slot, count)."""
+    while start < stop:
+        count = min(stop - start, capacity - start % capacity)
+        yield start, start % capacity, count
+        start += count
+
+
+def save_replay(buffer, folder):
+    """For --resume: the frames added since the last save go to folder's files, entry i of the run at offset i (so a
+    checkpoint never rewrites what is on disk); frames evicted before a save are holes, never read again."""
+    folder.mkdir(exist_ok=True)
+    for name in ("frames", "actions", "rewards", "t"):
+        array, path = getattr(buffer, name), folder / f"{name}.bin"
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            for start, slot, count in ring_pieces(buffer.capacity, max(buffer.saved, buffer.added - buffer.capacity),
+                                                  buffer.added):
+                f.seek(start * array[0].nbytes)
+                f.write(array[slot : slot + count].data.cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+    buffer.saved = buffer.added
+
+
+def load_replay(buffer, folder, added):
+    """For --resume: the buffer as it was when `added` frames had been saved; what was written after that checkpoint
+    is cut off the files, and the last `capacity` frames go back to their ring slots."""
+    for name in ("frames", "actions", "rewards", "t"):
+        array = getattr(buffer, name)
+        with open(folder / f"{name}.bin", "r+b") as f:
+            if os.fstat(f.fileno()).st_size < added * array[0].nbytes:
+                raise OSError(f"{f.name} is shorter than its checkpoint says: its replay files were cut")
+            f.truncate(added * array[0].nbytes)
+            for start, slot, count in ring_pieces(buffer.capacity, max(0, added - buffer.capacity), added):
+                f.seek(start * array[0].nbytes)
+                f.readinto(array[slot : slot + count].data.cast("B"))
+    buffer.added = buffer.saved = added
+    buffer.next, buffer.size = added % buffer.capacity, min(added, buffer.capacity)
+
+
+def save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, progress):
     """All that the run's future depends on, so that --resume continues it exactly: networks, optimisers, random
-    states, environments, the replay buffer (its new frames appended to run_dir/replay first) and the length of
-    metrics.jsonl (rows written after this are dropped on resume)."""
-    buffer.save(run_dir / "replay")
+    states, environments, the replay buffer (its new frames appended to run_dir/replay first), the progress and the
+    length of metrics.jsonl (rows written after this are dropped on resume)."""
+    save_replay(buffer, run_dir / "replay")
     metrics.flush()
     os.fsync(metrics.fileno())
     state = {name: value.detach() if name == "log_alpha" else value.state_dict() for name, value in vars(agent).items()}
-    state.update(format=CHECKPOINT_FORMAT, args=asdict(args), **progress, buffer_added=buffer.added, metrics_bytes=metrics.tell(),
-                 torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                 numpy_rng=json.dumps(rng.bit_generator.state), env=env.get_state(),
+    state.update(format=CHECKPOINT_FORMAT, args=asdict(args), progress=asdict(progress), buffer_added=buffer.added,
+                 metrics_bytes=metrics.tell(), torch_rng=torch.get_rng_state(), numpy_rng=json.dumps(rng.bit_generator.state),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], env=env.get_state(),
                  eval_envs={mode: eval_env.get_state() for mode, eval_env in eval_envs.items()})
-    atomic_write(run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
+    data = io.BytesIO()  # serialised in memory first: a full disk then fails in our write, with its errno
+    torch.save(state, data)
+    atomic_write(run_dir / "checkpoint.pt", data.getbuffer())
+    return progress.step
 
 
-def start(args, saved, buffer, env, eval_envs, rng, run_dir):
-    """A new run's first observation, or a resumed run's random states, environments, replay buffer and
-    metrics.jsonl as save_checkpoint left them. -> obs, step, pending, done, episode_return, losses, results."""
-    if not args.resume:
-        write_json(run_dir / "args.json", asdict(args))
-        obs, _ = env.reset()
-        buffer.add(obs[-3:], first=True)
-        return obs, 0, 0, False, 0.0, {}, {}
+def restore(saved, buffer, env, eval_envs, rng, run_dir):
+    """A resumed run's random states, environments, replay buffer and metrics.jsonl as save_checkpoint left them.
+    -> (progress, obs)."""
     try:
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"]:
@@ -833,67 +857,75 @@ def start(args, saved, buffer, env, eval_envs, rng, run_dir):
         rng.bit_generator.state = json.loads(saved["numpy_rng"])
         for mode, eval_env in eval_envs.items():
             eval_env.set_state(saved["eval_envs"][mode])
-        buffer.load(run_dir / "replay", saved["buffer_added"])
+        load_replay(buffer, run_dir / "replay", saved["buffer_added"])
         with open(run_dir / "metrics.jsonl", "r+b") as f:
             f.truncate(saved["metrics_bytes"])
-        obs = env.set_state(saved["env"])
+        return Progress(**saved["progress"]), env.set_state(saved["env"])
     except (OSError, KeyError, ValueError) as e:
-        fail(f"--resume {run_dir}: its checkpoint does not fit its other files ({type(e).__name__}: {e}); start a new run")
-    # a run extended with --total-timesteps stays extended when it is resumed again without the flag
-    write_json(run_dir / "args.json", {**json.loads((run_dir / "args.json").read_text()), "total_timesteps": args.total_timesteps})
-    print(f"resumed {run_dir} at step {saved['step']} of {args.total_timesteps}")
-    return obs, *(saved[k] for k in ("step", "pending", "done", "episode_return", "losses", "results"))
+        fail(f"--resume {run_dir}: its checkpoint does not fit its other files ({type(e).__name__}: {e}); "
+                      "start a new run")
 
 
-def catch_stop_signals(args):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the first asks the training loop to save a checkpoint and stop at
-    its next safe point; a second one, one during an evaluation (which follows a checkpoint) or with --eval-only
-    (nothing to save) stops at once."""
-    stop = dict(requested=False, signal=signal.SIGINT, defer=not args.eval_only)
+class StopSignal:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the first asks the run to stop at its next safe point (the loop saves
+    a checkpoint first; an evaluation, which a checkpoint precedes, stops after its episode); a second stops at once."""
 
-    def handler(signum, frame):
-        stop["signal"] = signum
-        if stop["requested"] or not stop["defer"]:
+    def __init__(self):
+        self.signal = 0
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        if self.signal:
             raise KeyboardInterrupt
-        stop["requested"] = True
+        self.signal = signum
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-    return stop
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
-def finite_losses(losses, step, saved_step, run_dir):
+class Pacer:
+    """Progress lines of a long phase: one every 30 s or every tenth of the work, whichever comes first."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.start = what, total, 0, time.time()
+        self.last = self.start
+
+    def tick(self, note=""):
+        self.done += 1
+        now = time.time()
+        if now - self.last >= 30 or self.done * 10 // self.total > (self.done - 1) * 10 // self.total:
+            left = (now - self.start) / self.done * (self.total - self.done)
+            print(f"  {self.what}: {self.done}/{self.total}{note}, {self.done / max(now - self.start, 1e-9):.3g}/s, "
+                  f"{left:.0f} s left", flush=True)
+            self.last = now
+
+
+def write_failure(e, run_dir, saved_step):
+    """A failed write of a run output (no space, a quota, an I/O error, a read-only folder) as one line; other
+    OSErrors keep their traceback."""
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS:
+              "the file system is read-only", errno.EACCES: "permission denied", errno.EIO: "an I/O error"}.get(e.errno)
+    if reason is None:
+        return
+    last = f"the last good checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was written"
+    fail(f"writing {e.filename or 'a run output in ' + str(run_dir)} failed: {reason}; {last}; "
+                   f"fix the cause, then {resume_hint(run_dir, saved_step)}")
+
+
+def resume_hint(run_dir, saved_step):
+    return f"resume with: python sgqn.py --resume {run_dir}" if saved_step is not None else "no checkpoint yet, nothing to resume"
+
+
+def finite_losses(losses, step, run_dir, saved_step):
     """The losses as floats (a host copy, made only when logging or checkpointing); stop if one is NaN or inf."""
     values = {name: float(value) for name, value in losses.items()}
     for name, value in values.items():
         if not math.isfinite(value):
-            kept = f"the last good checkpoint (step {saved_step}) is in {run_dir}" if saved_step is not None else "no checkpoint was written"
+            kept = f"the last good checkpoint (step {saved_step}) is in {run_dir}" if saved_step is not None else \
+                "no checkpoint was written"
             fail(f"loss {name} is {value} at step {step}: training diverged; {kept}")
     return values
-
-
-def restore_signals():
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def evaluate_checkpoint(args, saved, eval_envs, agent, run_dir, metrics, stop):
-    """--eval-only: the final evaluation of a checkpoint into a new run folder."""
-    try:
-        results, _ = run_evaluation(saved["step"], args.final_eval_episodes, True, eval_envs, agent, args, run_dir, metrics, stop)
-    except KeyboardInterrupt:
-        print(f"interrupted; the evaluation's outputs so far are in {run_dir}", file=sys.stderr)
-        raise SystemExit(128 + stop["signal"]) from None
-    finally:
-        metrics.close()
-        restore_signals()
-    write_json(run_dir / "results.json", dict(checkpoint=str(args.checkpoint), step=saved["step"], results=results))
-    print(f"results written to {run_dir}")
-    return run_dir
-
-
-def resume_hint(run_dir, saved_step):
-    return f"; resume with: python sgqn.py --resume {run_dir}" if saved_step is not None else "; no checkpoint yet, nothing to resume"
 
 
 def log(metrics, **row):
@@ -901,137 +933,167 @@ def log(metrics, **row):
     metrics.flush()
 
 
-def run_evaluation(step, episodes, final, eval_envs, agent, args, run_dir, metrics, stop):
-    """Every mode; rows into metrics.jsonl, a table on stdout and, at the end, the saliency pictures. -> results."""
+def saliency_picture(critic, decoder, actor, obs, rho):
+    """One row per frame: RGB | guided-backprop map | binary mask | predicted mask. obs: (9, 84, 84) uint8."""
+    x = torch.as_tensor(obs, device=critic.q1[0].weight.device).float()[None]
+    with torch.no_grad():
+        features = critic.encoder(x)
+        action = actor(features)[0]
+        predicted = torch.sigmoid(decoder(critic.projection(features), action))[0]  # (9, 84, 84)
+    attribution = guided_backprop(critic, x, action)
+    mask = saliency_mask(attribution, rho)[0]
+    per_frame = attribution[0].abs().view(-1, 3, *x.shape[2:]).amax(1)  # (k, 84, 84)
+    rows = []
+    for f in range(x.shape[1] // 3):
+        gray = [per_frame[f] / per_frame[f].max().clamp(min=1e-12), mask[3 * f], predicted[3 * f : 3 * f + 3].mean(0)]
+        tiles = [obs[3 * f : 3 * f + 3].transpose(1, 2, 0)]
+        tiles += [np.repeat((g.cpu().numpy() * 255).astype(np.uint8)[..., None], 3, 2) for g in gray]
+        rows.append(np.concatenate(tiles, 1))
+    return np.concatenate(rows, 0)
+
+
+def run_evaluation(step, final, eval_envs, agent, args, run_dir, metrics, stop):
+    """Every eval mode: progress lines, each mode's result as soon as it is done, rows into metrics.jsonl, a table
+    and, at the end of a run, the saliency pictures. -> results."""
     start, results, device = time.time(), {}, agent.log_alpha.device
-    stop["defer"] = False  # nothing to save here: a checkpoint precedes every evaluation
-    if stop["requested"]:
-        raise KeyboardInterrupt
+    episodes = args.final_eval_episodes if final else args.eval_episodes
     for mode, eval_env in eval_envs.items():
-        frames = []
-        returns = evaluate(eval_env, agent.critic.encoder, agent.actor, episodes, device, frames_out=frames)
+        frames, returns, pacer = [], [], Pacer(f"evaluating {mode} at step {step}, episode", episodes)
+        for episode_return in evaluate(eval_env, agent.critic.encoder, agent.actor, episodes, device, frames):
+            returns.append(episode_return)
+            pacer.tick(f", mean {np.mean(returns):.1f}")
+            if stop.signal:  # a checkpoint precedes every evaluation: nothing to save
+                raise KeyboardInterrupt
         results[mode] = dict(mean=float(np.mean(returns)), std=float(np.std(returns)), episodes=len(returns))
-        log(metrics, step=step, mode=mode, eval_return=results[mode]["mean"], eval_std=results[mode]["std"], episodes=len(returns))
+        log(metrics, step=step, mode=mode, eval_return=results[mode]["mean"], eval_std=results[mode]["std"],
+            episodes=len(returns))
         if final:
             picture = saliency_picture(agent.critic, agent.decoder, agent.actor, frames[min(15, len(frames) - 1)], args.rho)
             iio.imwrite(run_dir / f"saliency_{mode}.png", picture.repeat(2, 0).repeat(2, 1))
-            if args.capture_video:
-                clip = [saliency_picture(agent.critic, agent.decoder, agent.actor, f, args.rho)[-84:] for f in frames]  # newest frame's row
-                iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(4, 1).repeat(4, 2), fps=25)  # x4: 16-pixel blocks
-    stop["defer"] = not args.eval_only
+            if args.capture_video:  # the newest frame's row of each step, x4: video codecs work in 16-pixel blocks
+                clip = [saliency_picture(agent.critic, agent.decoder, agent.actor, f, args.rho)[-84:] for f in frames]
+                iio.imwrite(run_dir / f"eval_{mode}.mp4", np.stack(clip).repeat(4, 1).repeat(4, 2), fps=25)
     seconds = time.time() - start
     log(metrics, step=step, eval_seconds=seconds)
     print(f"\nevaluation at step {step} ({seconds:.0f} s)\n{'mode':<12}{'mean':>9}{'std':>9}{'episodes':>10}")
     for mode, r in results.items():
-        print(f"{mode:<12}{r['mean']:>9.1f}{r['std']:>9.1f}{r['episodes']:>10}")
+        print(f"{mode:<12}{r['mean']:>9.1f}{r['std']:>9.1f}{r['episodes']:>10}", flush=True)
     return results, seconds
 
 
 # ---------------------------------------------------------------- main
-def main(args):
-    """Train and evaluate as `args` says (or, with --eval-only, evaluate a checkpoint); returns the run folder."""
+def main(args, saved=None):
+    """Train and evaluate as `args` says (or, with --eval-only, evaluate a checkpoint); returns the run folder.
+    `saved`: the checkpoint that parse_args read for --resume or --eval-only."""
     check_args(args)
+    if args.checkpoint and saved is None:
+        saved = read_checkpoint(args.checkpoint)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    checkpoint = Path(args.resume) / "checkpoint.pt" if args.resume else args.checkpoint
-    saved = read_checkpoint(checkpoint, "--resume" if args.resume else "--checkpoint") if checkpoint else None
-    if args.resume and saved["step"] > args.total_timesteps:
-        fail(f"--total-timesteps {args.total_timesteps} is below step {saved['step']}, which {args.resume} has reached; give at least that", 2)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     env, eval_envs = make_envs(args)
     obs_shape, action_dim = env.observation_shape, env.action_shape[0]
     agent = make_agent(obs_shape, action_dim, args, device)
     if saved:
-        load_agent(agent, saved, checkpoint)
-    overlay = None if args.eval_only else (
-        load_images(args.overlay_dir, args.overlay_images, obs_shape[-1], rng)
-        if args.overlay_dir
-        else procedural_images(args.overlay_images, obs_shape[-1], torch.Generator().manual_seed(args.seed))
-    ).to(device)
-    buffer = ReplayBuffer(args.buffer_size, (3, *obs_shape[1:]), action_dim, args.frame_stack)
-    stop = catch_stop_signals(args)
-    run_dir = Path(args.resume) if args.resume else make_run_dir(args)  # everything is checked: the run starts
-    metrics = open(run_dir / "metrics.jsonl", "a")
-    if args.eval_only:
-        return evaluate_checkpoint(args, saved, eval_envs, agent, run_dir, metrics, stop)
-
-    obs, step, pending, done, episode_return, losses, results = start(args, saved, buffer, env, eval_envs, rng, run_dir)
-    print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
-    saved_step, start_time, first_step, eval_seconds = step if args.resume else None, time.time(), step, 0.0
+        load_agent(agent, saved, args.checkpoint or args.resume)
     try:
-        # a new run evaluates the untrained agent at step 0 (as DMC-GB's train.py); a resumed run redoes the
-        # evaluation that its checkpoint preceded
-        if not pending and (step == args.total_timesteps or step % args.eval_freq == 0):
-            results, eval_seconds = run_evaluation(step, args.final_eval_episodes if step == args.total_timesteps else args.eval_episodes,
-                                                   step == args.total_timesteps, eval_envs, agent, args, run_dir, metrics, stop)
-        for global_step in range(step + (0 if pending else 1), args.total_timesteps + 1):
-            step = global_step
-            if not pending:  # (a run resumed amid a step's updates finishes them first)
-                if global_step <= args.learning_starts:
+        overlay = None if args.eval_only else (load_images(args.overlay_dir, args.overlay_images, obs_shape[-1], rng)
+                                               if args.overlay_dir else procedural_images(
+            args.overlay_images, obs_shape[-1], torch.Generator().manual_seed(args.seed))).to(device)
+    except ValueError as e:
+        fail(str(e), 2)
+    buffer = ReplayBuffer(args.buffer_size, (3, *obs_shape[1:]), action_dim, args.frame_stack)
+    run_dir = Path(args.resume) if args.resume else make_run_dir(args)  # everything is checked: the run starts
+    lock, stop, saved_step = lock_run_dir(run_dir), StopSignal(), None
+    metrics = open(run_dir / "metrics.jsonl", "a")
+    try:
+        if args.resume:
+            progress, obs = restore(saved, buffer, env, eval_envs, rng, run_dir)
+            saved_step = progress.step
+            print(f"resumed {run_dir} at step {progress.step} of {args.total_timesteps}")
+        else:
+            progress, (obs, _) = Progress(step=saved["progress"]["step"] if args.eval_only else 0), env.reset()
+            buffer.add(obs[-3:], first=True)
+        if not args.eval_only:
+            write_json(run_dir / "args.json", asdict(args))  # (a resumed run's --total-timesteps may extend it)
+        print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
+        start_time, first_step, eval_seconds = time.time(), progress.step, 0.0
+        while True:
+            eval_due = progress.step % args.eval_freq == 0 or progress.step == args.total_timesteps or args.eval_only
+            if not progress.updates_due:  # (a run stopped amid the catch-up finishes its updates first)
+                if eval_due:  # step 0 included: the untrained agent, as DMC-GB's train.py
+                    final = progress.step == args.total_timesteps or args.eval_only
+                    progress.results, seconds = run_evaluation(progress.step, final, eval_envs, agent, args, run_dir,
+                                                               metrics, stop)
+                    eval_seconds += seconds
+                if progress.step == args.total_timesteps or args.eval_only:
+                    break
+                # act, step the env, store
+                progress.step += 1
+                if progress.step <= args.learning_starts:
                     action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
                 else:
                     action = act(agent.critic.encoder, agent.actor, obs, device, deterministic=False)
                 obs, reward, terminated, truncated, _ = env.step(action)
                 buffer.add(obs[-3:], action, reward)
-                episode_return, done = episode_return + reward, terminated or truncated
-                # after the seed steps, catch up with one update per collected step, then one update per step
-                pending = args.learning_starts if global_step == args.learning_starts else int(global_step > args.learning_starts)
-                if global_step == args.learning_starts:
-                    print(f"step {global_step}: seed steps done, catching up with {pending} updates", flush=True)
-            while pending and not stop["requested"]:
+                progress.episode_return, progress.done = progress.episode_return + reward, terminated or truncated
+                # no update during the seed steps, as many as seed steps at the last of them, then one per step
+                progress.updates_due = progress.step if progress.step == args.learning_starts else \
+                    int(progress.step > args.learning_starts)
+                if progress.step == args.learning_starts:
+                    print(f"step {progress.step}: seed steps done, catching up with {progress.step} updates", flush=True)
+                eval_due = progress.step % args.eval_freq == 0 or progress.step == args.total_timesteps
+            pacer = Pacer(f"catch-up at step {progress.step}, update", progress.updates_due) \
+                if progress.updates_due > 1 else None
+            while progress.updates_due and not stop.signal:
                 b_obs, b_action, b_reward, b_next_obs = buffer.sample(args.batch_size, rng)
-                batch = (
-                    random_shift(torch.as_tensor(b_obs, device=device), args.shift_pad).float(),  # (B, 9, 84, 84)
-                    torch.as_tensor(b_action, device=device),  # (B, A)
-                    torch.as_tensor(b_reward, device=device)[:, None],  # (B, 1)
-                    random_shift(torch.as_tensor(b_next_obs, device=device), args.shift_pad).float(),
-                )
-                losses.update(update(agent, batch, global_step, args, overlay))  # the every-2-steps losses stay until renewed
-                pending -= 1
-
-            stopping, final = stop["requested"], global_step == args.total_timesteps
-            evaluating = final or global_step % args.eval_freq == 0
-            if not pending and (done or evaluating):
+                batch = (random_shift(torch.as_tensor(b_obs, device=device), args.shift_pad).float(),  # (B, 9, 84, 84)
+                         torch.as_tensor(b_action, device=device),  # (B, A)
+                         torch.as_tensor(b_reward, device=device)[:, None],  # (B, 1)
+                         random_shift(torch.as_tensor(b_next_obs, device=device), args.shift_pad).float())  # own shift
+                progress.losses.update(update(agent, batch, progress.step, args, overlay))
+                progress.updates_due -= 1
+                pacer and pacer.tick()
+            if not progress.updates_due and (progress.done or eval_due):  # log the step
                 elapsed = time.time() - start_time
-                sps = (global_step - first_step) / max(elapsed - eval_seconds, 1e-9)  # training only
+                sps = (progress.step - first_step) / max(elapsed - eval_seconds, 1e-9)  # training only
                 eval_share = eval_seconds / elapsed
-                row = dict(step=global_step, frames=global_step * args.action_repeat, sps=sps, elapsed_hours=elapsed / 3600,
-                           eval_share=eval_share,  # hours left at this training speed and this share of time evaluating:
-                           eta_hours=(args.total_timesteps - global_step) / max(sps, 1e-9) / max(1 - eval_share, 0.01) / 3600,
-                           **finite_losses(losses, global_step, saved_step, run_dir))
-                if done:
-                    row["episodic_return"] = episode_return
+                row = dict(step=progress.step, frames=progress.step * args.action_repeat, sps=sps,
+                           elapsed_hours=elapsed / 3600, eval_share=eval_share,  # time left at this speed and share:
+                           eta_hours=(args.total_timesteps - progress.step) / max(sps, 1e-9) / max(1 - eval_share, 0.01)
+                           / 3600, **finite_losses(progress.losses, progress.step, run_dir, saved_step))
+                if progress.done:
+                    row["episodic_return"] = progress.episode_return
+                    obs, _ = env.reset()
+                    buffer.add(obs[-3:], first=True)
+                    progress.episode_return, progress.done = 0.0, False
                 log(metrics, **row)
                 print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            if not pending and done:
-                obs, _ = env.reset()
-                buffer.add(obs[-3:], first=True)
-                episode_return, done = 0.0, False
-            if stopping or evaluating or global_step % args.checkpoint_freq == 0:
-                save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, step=global_step, pending=pending,
-                                done=done, episode_return=episode_return, results=results,
-                                losses=finite_losses(losses, global_step, saved_step, run_dir))
-                saved_step = global_step
-            if stopping:
+            if stop.signal or eval_due or progress.step % args.checkpoint_freq == 0:
+                finite_losses(progress.losses, progress.step, run_dir, saved_step)
+                saved_step = save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, progress)
+            if stop.signal:
                 raise KeyboardInterrupt
-            if evaluating:
-                results, seconds = run_evaluation(global_step, args.final_eval_episodes if final else args.eval_episodes, final,
-                                                  eval_envs, agent, args, run_dir, metrics, stop)
-                eval_seconds += seconds
     except KeyboardInterrupt:
-        print(f"interrupted at step {saved_step or 0}{resume_hint(run_dir, saved_step)}", file=sys.stderr)
-        raise SystemExit(128 + stop["signal"]) from None
-    except Exception as e:  # a diverged policy (NaN actions) fails in finite_losses, naming the loss
-        finite_losses(losses, step, saved_step, run_dir)
-        fail(f"{type(e).__name__} after step {step}: {' '.join(str(e).split())[:300]}; the run's outputs so far are in "
-             f"{run_dir}{resume_hint(run_dir, saved_step)}")
+        print(f"interrupted; the evaluation's outputs so far are in {run_dir}" if args.eval_only else
+              f"interrupted at step {saved_step or 0}; {resume_hint(run_dir, saved_step)}", file=sys.stderr)
+        raise SystemExit(128 + (stop.signal or signal.SIGINT)) from None
+    except OSError as e:
+        write_failure(e, run_dir, saved_step)
+        raise
+    except Exception:  # a real bug: its traceback, then where the outputs are
+        traceback.print_exc()
+        fail(f"the run stopped after step {progress.step} (traceback above); its outputs so far are in "
+                      f"{run_dir}; {resume_hint(run_dir, saved_step)}")
     finally:
         metrics.close()
-        restore_signals()
-    write_json(run_dir / "results.json", dict(step=args.total_timesteps, results=results))
+        lock.close()
+        stop.restore()
+    results = dict(step=progress.step, results=progress.results)
+    write_json(run_dir / "results.json", {"checkpoint": str(args.checkpoint), **results} if args.eval_only else results)
     print(f"results written to {run_dir}")
     return run_dir
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    main(*parse_args(sys.argv[1:]))

@@ -64,8 +64,8 @@ def main(bench):
             for _ in range(bench.checkpoint_freq):
                 buffer.add(frame, np.zeros(1, np.float32), 0.0)
             start = time.perf_counter()
-            sgqn.save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, step=buffer.added, pending=0,
-                                 done=False, episode_return=0.0, results={}, losses={k: float(v) for k, v in losses.items()})
+            progress = sgqn.Progress(step=buffer.added, losses={k: float(v) for k, v in losses.items()})
+            sgqn.save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, progress)
             if repeat:
                 seconds.append(time.perf_counter() - start)
         size = (run_dir / "checkpoint.pt").stat().st_size

@@ -87,7 +87,7 @@ def main(probe_args):
     buffer = read_replay(replay_dir, replay_saved, sgqn.Args(**replay_saved["args"]))
     obs, action, reward, next_obs = buffer.sample(probe_args.samples, np.random.default_rng(probe_args.seed))
     batch = (torch.as_tensor(obs).float(), torch.as_tensor(action), torch.as_tensor(reward)[:, None], torch.as_tensor(next_obs).float())
-    print(f"{probe_args.samples} transitions of {replay_dir} (step {replay_saved['step']}), unaugmented")
+    print(f"{probe_args.samples} transitions of {replay_dir} (step {replay_saved['progress']['step']}), unaugmented")
     rows = []
     for run_dir, saved in runs:
         args = sgqn.Args(**saved["args"])
@@ -95,7 +95,7 @@ def main(probe_args):
         agent = sgqn.make_agent((3 * args.frame_stack, *frame_shape[1:]), action_dim, args, torch.device("cpu"))
         sgqn.load_agent(agent, saved, run_dir / "checkpoint.pt")
         torch.manual_seed(probe_args.seed)  # the masks' fill values
-        rows.append((f"{run_dir.name} (step {saved['step']}, rho {args.rho})", probe(agent, batch, args.rho, args.gamma)))
+        rows.append((f"{run_dir.name} (step {saved['progress']['step']}, rho {args.rho})", probe(agent, batch, args.rho, args.gamma)))
     names = list(rows[0][1])
     print(f"| checkpoint | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
     for label, measures in rows:

@@ -103,7 +103,7 @@ def main(probe_args):
         sgqn.load_agent(agent, saved, run_dir / "checkpoint.pt")
         torch.manual_seed(0)  # the masks' fill values
         returns, measures = paired_rollouts(agent, *pair, probe_args.episodes, args.rho)
-        rows.append((f"{run_dir.name} (step {saved['step']})", {"return": float(np.mean(returns)), **measures}))
+        rows.append((f"{run_dir.name} (step {saved['progress']['step']})", {"return": float(np.mean(returns)), **measures}))
     print(f"the same states on train and {probe_args.mode}, {probe_args.episodes} episodes per checkpoint")
     names = list(rows[0][1])
     print(f"| checkpoint | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
