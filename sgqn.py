@@ -75,7 +75,7 @@ NUM_CONV_LAYERS = 11  # the only depth at 84x84 whose 21x21 output the decoder's
 @dataclass
 class Args:
     env_id: str = "cartpole"
-    """DMC task: a domain for its DMC-GB task (cartpole, walker, finger, ball_in_cup, cheetah, reacher) or domain-task"""
+    """a domain for its default task (cartpole, walker, finger, ball_in_cup, cheetah, reacher), or domain-task"""
     rho: float = 0.98
     """saliency quantile: the mask keeps pixels at or above it (0.98 cartpole/ball_in_cup, 0.95 walker/finger)"""
     seed: int = 1
@@ -630,24 +630,26 @@ def check_args(args):
             fail(f"{flag(f.name)} must be a finite number, got {value}", 2)
         if f.name in RANGES:
             low, high, ends = RANGES[f.name]
-            if not ((low < value or ends[0] == "[" and value == low) and (value < high or ends[1] == "]" and value == high)):
+            inside = (low < value or ends[0] == "[" and value == low) and \
+                (value < high or ends[1] == "]" and value == high)
+            if not inside:
                 fail(f"{flag(f.name)} must be in {ends[0]}{low}, {high}{ends[1]}, got {value}", 2)
+    held = min(args.learning_starts, args.buffer_size - args.frame_stack)  # transitions when updates start
     problems = [  # (broken, message)
-        (args.log_std_min >= args.log_std_max, f"--log-std-min {args.log_std_min} must be below --log-std-max "
-                                               f"{args.log_std_max}"),
+        (args.log_std_min >= args.log_std_max,
+         f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}"),
         (args.learning_starts >= args.total_timesteps and not args.eval_only, f"--learning-starts "
          f"{args.learning_starts} must be below --total-timesteps {args.total_timesteps}, or no update runs"),
-        (args.batch_size > min(args.learning_starts, args.buffer_size - args.frame_stack) and not args.eval_only,
-         f"--batch-size {args.batch_size} is more than the {min(args.learning_starts, args.buffer_size - args.frame_stack)}"
-         f" transitions the buffer holds when updates start; lower it or raise --learning-starts / --buffer-size"),
+        (args.batch_size > held and not args.eval_only, f"--batch-size {args.batch_size} is more than the {held} "
+         "transitions the buffer holds when updates start; lower it or raise --learning-starts / --buffer-size"),
         (args.seed + 42 >= 2**32, f"--seed must be below {2**32 - 42} (test scenes use seed + 42, a 32-bit seed)"),
         (not args.eval_modes or bool(set(args.eval_modes) - set(envs.MODES)),
          f"--eval-modes {' '.join(args.eval_modes)}: choose one or more of {' '.join(envs.MODES)}"),
-        (args.eval_only and not args.checkpoint, "--eval-only needs --checkpoint PATH (a checkpoint.pt a training run wrote)"),
-        (args.resume and (args.checkpoint or args.eval_only), "--resume continues a run from its own checkpoint; leave out "
-                                                              "--checkpoint and --eval-only"),
-        (args.overlay_dir and not Path(args.overlay_dir).is_dir(), f"--overlay-dir {args.overlay_dir} is not a folder; "
-                                                                   "give a folder of JPEG/PNG images or leave it out"),
+        (args.eval_only and not args.checkpoint, "--eval-only needs --checkpoint PATH (a checkpoint.pt a run wrote)"),
+        (args.resume and (args.checkpoint or args.eval_only),
+         "--resume continues a run from its own checkpoint; leave out --checkpoint and --eval-only"),
+        (args.overlay_dir and not Path(args.overlay_dir).is_dir(),
+         f"--overlay-dir {args.overlay_dir} is not a folder; give a folder of JPEG/PNG images or leave it out"),
     ]
     for broken, message in problems:
         if broken:
@@ -660,7 +662,7 @@ def check_args(args):
         fail(str(e))
     existing = next(p for p in [Path(args.output_dir), *Path(args.output_dir).parents] if p.exists() or p.is_symlink())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "a dangling link" if existing.is_symlink() else "not a folder" if not existing.is_dir() else "not writable"
+        what = "a dangling link" if existing.is_symlink() else "not writable" if existing.is_dir() else "not a folder"
         fail(f"--output-dir {args.output_dir}: {existing} is {what}; give a writable folder "
                       "(it is created if missing)", 2)
 
@@ -746,8 +748,8 @@ def lock_run_dir(run_dir):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        fail(f"{run_dir} is in use by another process ({lock.read().strip() or 'unknown'}); wait for it to "
-                      "end or stop it, then resume")
+        holder = (lock.read().strip().splitlines() or ["unknown"])[-1]
+        fail(f"{run_dir} is in use by another process ({holder}); wait for it to end or stop it, then resume")
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
@@ -764,8 +766,10 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = e.filename or str(path)  # a failed write names no file by itself
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -803,13 +807,17 @@ def save_replay(buffer, folder):
     folder.mkdir(exist_ok=True)
     for name in ("frames", "actions", "rewards", "t"):
         array, path = getattr(buffer, name), folder / f"{name}.bin"
-        with open(path, "r+b" if path.exists() else "wb") as f:
-            for start, slot, count in ring_pieces(buffer.capacity, max(buffer.saved, buffer.added - buffer.capacity),
-                                                  buffer.added):
-                f.seek(start * array[0].nbytes)
-                f.write(array[slot : slot + count].data.cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                unsaved = max(buffer.saved, buffer.added - buffer.capacity)  # evicted frames are never saved
+                for start, slot, count in ring_pieces(buffer.capacity, unsaved, buffer.added):
+                    f.seek(start * array[0].nbytes)
+                    f.write(array[slot : slot + count].data.cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            e.filename = e.filename or str(path)  # a failed write names no file by itself
+            raise
     buffer.saved = buffer.added
 
 
@@ -838,7 +846,8 @@ def save_checkpoint(run_dir, agent, buffer, env, eval_envs, rng, metrics, args, 
     os.fsync(metrics.fileno())
     state = {name: value.detach() if name == "log_alpha" else value.state_dict() for name, value in vars(agent).items()}
     state.update(format=CHECKPOINT_FORMAT, args=asdict(args), progress=asdict(progress), buffer_added=buffer.added,
-                 metrics_bytes=metrics.tell(), torch_rng=torch.get_rng_state(), numpy_rng=json.dumps(rng.bit_generator.state),
+                 metrics_bytes=metrics.tell(), torch_rng=torch.get_rng_state(),
+                 numpy_rng=json.dumps(rng.bit_generator.state),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], env=env.get_state(),
                  eval_envs={mode: eval_env.get_state() for mode, eval_env in eval_envs.items()})
     data = io.BytesIO()  # serialised in memory first: a full disk then fails in our write, with its errno
@@ -905,7 +914,8 @@ def write_failure(e, run_dir, saved_step):
     """A failed write of a run output (no space, a quota, an I/O error, a read-only folder) as one line; other
     OSErrors keep their traceback."""
     reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS:
-              "the file system is read-only", errno.EACCES: "permission denied", errno.EIO: "an I/O error"}.get(e.errno)
+              "the file system is read-only", errno.EACCES: "permission denied", errno.EIO: "an I/O error",
+              errno.EFBIG: "the file size limit is exceeded"}.get(e.errno)
     if reason is None:
         return
     last = f"the last good checkpoint is step {saved_step}" if saved_step is not None else "no checkpoint was written"
@@ -914,7 +924,9 @@ def write_failure(e, run_dir, saved_step):
 
 
 def resume_hint(run_dir, saved_step):
-    return f"resume with: python sgqn.py --resume {run_dir}" if saved_step is not None else "no checkpoint yet, nothing to resume"
+    if saved_step is None:
+        return "no checkpoint yet, nothing to resume"
+    return f"resume with: python sgqn.py --resume {run_dir}"
 
 
 def finite_losses(losses, step, run_dir, saved_step):
@@ -968,7 +980,8 @@ def run_evaluation(step, final, eval_envs, agent, args, run_dir, metrics, stop):
         log(metrics, step=step, mode=mode, eval_return=results[mode]["mean"], eval_std=results[mode]["std"],
             episodes=len(returns))
         if final:
-            picture = saliency_picture(agent.critic, agent.decoder, agent.actor, frames[min(15, len(frames) - 1)], args.rho)
+            obs = frames[min(15, len(frames) - 1)]  # a frame into the episode
+            picture = saliency_picture(agent.critic, agent.decoder, agent.actor, obs, args.rho)
             iio.imwrite(run_dir / f"saliency_{mode}.png", picture.repeat(2, 0).repeat(2, 1))
             if args.capture_video:  # the newest frame's row of each step, x4: video codecs work in 16-pixel blocks
                 clip = [saliency_picture(agent.critic, agent.decoder, agent.actor, f, args.rho)[-84:] for f in frames]
@@ -1041,7 +1054,8 @@ def main(args, saved=None):
                 progress.updates_due = progress.step if progress.step == args.learning_starts else \
                     int(progress.step > args.learning_starts)
                 if progress.step == args.learning_starts:
-                    print(f"step {progress.step}: seed steps done, catching up with {progress.step} updates", flush=True)
+                    print(f"step {progress.step}: seed steps done, catching up with {progress.step} updates",
+                          flush=True)
                 eval_due = progress.step % args.eval_freq == 0 or progress.step == args.total_timesteps
             pacer = Pacer(f"catch-up at step {progress.step}, update", progress.updates_due) \
                 if progress.updates_due > 1 else None

@@ -8,6 +8,7 @@ real script. Real DMC-GB files in ../shared/dmcgb are used when present, small s
 
 import copy
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -17,6 +18,7 @@ import math
 import operator
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -1639,6 +1641,10 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
         assert picture.shape == (3 * 84 * 2, 4 * 84 * 2, 3)  # 3 frames x (RGB, attribution, mask, prediction)
     results = json.loads((run_dir / "results.json").read_text())["results"]
     assert set(results) == set(envs.MODES) and all(r["episodes"] == 1 for r in results.values())
+    # no silent phase: progress lines during the catch-up and during each mode's evaluation
+    assert re.search(r"^  catch-up at step 8, update: 8/8, [\d.]+/s, 0 s left$", out.stdout, re.M), out.stdout
+    for mode in envs.MODES:
+        assert re.search(rf"^  evaluating {mode} at step 0, episode: 1/1, mean -?[\d.]+, ", out.stdout, re.M), out.stdout
 
     tested = ["color_hard", "video_hard"]
     out = run_script(["--checkpoint", str(run_dir / "checkpoint.pt"), "--eval-only", "--final-eval-episodes", "1", "--eval-modes", *tested,
@@ -2020,6 +2026,40 @@ def test_signals_through_the_real_script(resumed_runs, tmp_path, e2e_data_dir):
     assert not list(twice_dir.glob(".*.tmp"))
     assert stderr.strip().splitlines()[-1] == f"interrupted; the evaluation's outputs so far are in {eval_dir.relative_to(tmp_path)}"
     assert not (eval_dir / "results.json").exists()
+
+
+def test_one_process_per_run_folder_and_write_failures(resumed_runs, tmp_path):
+    """A second process on a run folder stops before any work with one line naming the holder; a write that fails
+    (here a file-size limit, EFBIG) is one line naming the file, leaves no temporary file and the checkpoint whole,
+    and --resume continues once the cause is gone."""
+    straight, _, _ = resumed_runs
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242 on somehost since 2026-12-02 10:00:00\n")
+        held.flush()
+        out = run_script(["--resume", str(run), "--total-timesteps", "64"], tmp_path, check=False)
+    assert_one_line_error(out.returncode, out.stdout, out.stderr, ["in use by another process", "pid 4242 on somehost"], 1)
+    before = (run / "checkpoint.pt").read_bytes()
+    limit = (run / "replay" / "frames.bin").stat().st_size  # the next frames cannot be appended
+    env = {**os.environ, "DMCGB_VERIFY": "0"}
+    out = subprocess.run([sys.executable, str(ROOT / "sgqn.py"), "--resume", str(run), "--total-timesteps", "64"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.fullmatch(r"error: writing .*frames\.bin failed: the file size limit is exceeded; the last good checkpoint is "
+                        r"step 60; fix the cause, then resume with: python sgqn\.py --resume .*", last), last
+    assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".*.tmp"))
+    out = run_script(["--resume", str(run), "--total-timesteps", "64"], tmp_path)
+    assert json.loads((run / "results.json").read_text())["step"] == 64
+
+
+def test_sgqn_py_lines_fit_120_columns():
+    wide = [n for n, line in enumerate((ROOT / "sgqn.py").read_text().splitlines(), 1) if len(line) > 120]
+    assert not wide, f"sgqn.py lines wider than 120 columns: {wide}"
 
 
 def test_real_dmcgb_data_used():
