@@ -606,7 +606,7 @@ def parse_args(argv):
                           f"leave it out (only {' '.join(flag(n) for n in own)} may be given)", 2)
     if args.resume and saved["progress"]["step"] > merged.total_timesteps:
         fail(f"--total-timesteps {merged.total_timesteps} is below step {saved['progress']['step']}, which "
-                      f"{args.resume} has reached; give at least that", 2)
+             f"{args.resume} has reached; give at least that", 2)
     if args.eval_only:
         print(f"evaluating with the checkpoint's settings: {merged.env_id}, action repeat {merged.action_repeat}, "
               f"frame stack {merged.frame_stack}, seed {merged.seed}, rho {merged.rho}")
@@ -664,7 +664,7 @@ def check_args(args):
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "a dangling link" if existing.is_symlink() else "not writable" if existing.is_dir() else "not a folder"
         fail(f"--output-dir {args.output_dir}: {existing} is {what}; give a writable folder "
-                      "(it is created if missing)", 2)
+             "(it is created if missing)", 2)
 
 
 def read_checkpoint(path, source="--checkpoint"):
@@ -682,10 +682,10 @@ def read_checkpoint(path, source="--checkpoint"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{source}: {path} is truncated or corrupt ({' '.join(str(e).split())[:160]}); use another copy, "
-                      "or the run folder's checkpoint.pt with --resume")
+             "or the run folder's checkpoint.pt with --resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         fail(f"{source}: {path} is a torch file but not a checkpoint of this sgqn.py; give a checkpoint.pt "
-                      "that a run wrote", 2)
+             "that a run wrote", 2)
     return state
 
 
@@ -699,7 +699,7 @@ def load_agent(agent, state, path):
         sizes = ", ".join(f"{flag(n)} {getattr(trained, n)}" for n in ("env_id", "frame_stack", "num_filters",
                                                                        "projection_dim", "hidden_dim"))
         fail(f"{path} is a checkpoint of {sizes}, which does not fit this run's networks "
-                      f"({' '.join(str(e).split())[:120]}); give those flags or another checkpoint", 2)
+             f"({' '.join(str(e).split())[:120]}); give those flags or another checkpoint", 2)
 
 
 def make_envs(args):
@@ -872,7 +872,7 @@ def restore(saved, buffer, env, eval_envs, rng, run_dir):
         return Progress(**saved["progress"]), env.set_state(saved["env"])
     except (OSError, KeyError, ValueError) as e:
         fail(f"--resume {run_dir}: its checkpoint does not fit its other files ({type(e).__name__}: {e}); "
-                      "start a new run")
+             "start a new run")
 
 
 class StopSignal:
@@ -908,6 +908,19 @@ class Pacer:
             print(f"  {self.what}: {self.done}/{self.total}{note}, {self.done / max(now - self.start, 1e-9):.3g}/s, "
                   f"{left:.0f} s left", flush=True)
             self.last = now
+
+
+def check_free_space(args, run_dir, step, agent, action_dim):
+    """Say it before the hours: warn in one line when what the run will still write does not fit the free space (the
+    replay files, one entry a step, plus two checkpoints at the peak of a checkpoint write)."""
+    entry = 3 * 84 * 84 + 4 * action_dim + 4 + 8  # a frame (uint8), its action and reward (float32), its index (int64)
+    networks = (agent.critic, agent.critic_target, agent.actor, agent.decoder)
+    weights = sum(4 * p.numel() for network in networks for p in network.parameters())
+    need = (args.total_timesteps - step) * 1.01 * entry + 2 * 3 * weights  # resets; weights and Adam's two moments
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        print(f"warning: {run_dir} has {free / 1e9:.2f} GB free; this run will write about {need / 1e9:.2f} GB more "
+              "(replay and checkpoints); free some space or move it (--output-dir) before it fills", file=sys.stderr)
 
 
 def write_failure(e, run_dir, saved_step):
@@ -1017,20 +1030,21 @@ def main(args, saved=None):
         fail(str(e), 2)
     buffer = ReplayBuffer(args.buffer_size, (3, *obs_shape[1:]), action_dim, args.frame_stack)
     run_dir = Path(args.resume) if args.resume else make_run_dir(args)  # everything is checked: the run starts
-    lock, stop, saved_step = lock_run_dir(run_dir), StopSignal(), None
+    lock = lock_run_dir(run_dir)
+    if args.resume:
+        progress, obs = restore(saved, buffer, env, eval_envs, rng, run_dir)
+        print(f"resumed {run_dir} at step {progress.step} of {args.total_timesteps}")
+    else:
+        progress, (obs, _) = Progress(step=saved["progress"]["step"] if args.eval_only else 0), env.reset()
+        buffer.add(obs[-3:], first=True)
+    stop, saved_step = StopSignal(), progress.step if args.resume else None
     metrics = open(run_dir / "metrics.jsonl", "a")
+    print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
+    start_time, first_step, eval_seconds = time.time(), progress.step, 0.0
     try:
-        if args.resume:
-            progress, obs = restore(saved, buffer, env, eval_envs, rng, run_dir)
-            saved_step = progress.step
-            print(f"resumed {run_dir} at step {progress.step} of {args.total_timesteps}")
-        else:
-            progress, (obs, _) = Progress(step=saved["progress"]["step"] if args.eval_only else 0), env.reset()
-            buffer.add(obs[-3:], first=True)
         if not args.eval_only:
             write_json(run_dir / "args.json", asdict(args))  # (a resumed run's --total-timesteps may extend it)
-        print(f"run folder: {run_dir}  device: {device}  env: {args.env_id}  action repeat: {args.action_repeat}")
-        start_time, first_step, eval_seconds = time.time(), progress.step, 0.0
+            check_free_space(args, run_dir, progress.step, agent, action_dim)
         while True:
             eval_due = progress.step % args.eval_freq == 0 or progress.step == args.total_timesteps or args.eval_only
             if not progress.updates_due:  # (a run stopped amid the catch-up finishes its updates first)
@@ -1092,13 +1106,12 @@ def main(args, saved=None):
         print(f"interrupted; the evaluation's outputs so far are in {run_dir}" if args.eval_only else
               f"interrupted at step {saved_step or 0}; {resume_hint(run_dir, saved_step)}", file=sys.stderr)
         raise SystemExit(128 + (stop.signal or signal.SIGINT)) from None
-    except OSError as e:
-        write_failure(e, run_dir, saved_step)
-        raise
-    except Exception:  # a real bug: its traceback, then where the outputs are
+    except Exception as e:  # a failed write is one line; a real bug prints its traceback, then where the outputs are
+        if isinstance(e, OSError):
+            write_failure(e, run_dir, saved_step)
         traceback.print_exc()
-        fail(f"the run stopped after step {progress.step} (traceback above); its outputs so far are in "
-                      f"{run_dir}; {resume_hint(run_dir, saved_step)}")
+        fail(f"the run stopped after step {progress.step} (traceback above); its outputs so far are in {run_dir}; "
+             f"{resume_hint(run_dir, saved_step)}")
     finally:
         metrics.close()
         lock.close()

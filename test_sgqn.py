@@ -6,6 +6,7 @@ mask by the authors' torch.quantile formula, the update by a plain reference ste
 real script. Real DMC-GB files in ../shared/dmcgb are used when present, small synthetic ones otherwise.
 """
 
+import collections
 import copy
 import dataclasses
 import fcntl
@@ -1651,6 +1652,7 @@ def test_train_then_eval_only(tmp_path, e2e_data_dir):
                       "--capture-video", "--data-dir", str(e2e_data_dir), "--output-dir", "runs"], tmp_path)
     assert "evaluating with the checkpoint's settings: cartpole, action repeat 50" in out.stdout
     (eval_dir,) = set((tmp_path / "runs").iterdir()) - {run_dir}
+    assert eval_dir.name.startswith(f"eval__{run_dir.name}__")  # no glob for training runs picks it
     reloaded = json.loads((eval_dir / "results.json").read_text())
     assert reloaded["step"] == 10 and "evaluation at step 10 " in out.stdout and list(reloaded["results"]) == tested
     for mode in tested:
@@ -1983,8 +1985,7 @@ def test_env_state_restored_mid_episode_on_video_hard(e2e_data_dir):
         env.step(a)
     state = env.get_state()
     straight = [env.step(a) for a in actions[5:]]
-    other = envs.make_env("cartpole", 99, "video_hard", 8, 3, data_dir=e2e_data_dir)
-    other.reset()
+    other = envs.make_env("cartpole", 99, "video_hard", 8, 3, data_dir=e2e_data_dir)  # fresh, never reset: as on resume
     resumed_obs = other.set_state(state)
     assert np.array_equal(resumed_obs, np.concatenate(list(state["frames"].numpy())))
     resumed = [other.step(a) for a in actions[5:]]
@@ -2060,6 +2061,21 @@ def test_one_process_per_run_folder_and_write_failures(resumed_runs, tmp_path):
 def test_sgqn_py_lines_fit_120_columns():
     wide = [n for n, line in enumerate((ROOT / "sgqn.py").read_text().splitlines(), 1) if len(line) > 120]
     assert not wide, f"sgqn.py lines wider than 120 columns: {wide}"
+
+
+def test_free_space_warning_before_the_run(monkeypatch, capsys, tmp_path):
+    """At the start, what the run will write (21 kB of replay a step at 84x84 plus two checkpoints) is compared with
+    the output folder's free space: one warning line when it does not fit, nothing when it does."""
+    args = sgqn.Args(total_timesteps=100_000)
+    agent = sgqn.make_agent(OBS_SHAPE, 1, args, torch.device("meta"))
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(sgqn.shutil, "disk_usage", lambda path: collections.namedtuple("U", "total used free")(0, 0, free["bytes"]))
+    sgqn.check_free_space(args, tmp_path, 0, agent, 1)
+    assert capsys.readouterr().err == ""
+    free["bytes"] = 2 * 10**9  # 100k steps need about 2.2 GB of replay
+    sgqn.check_free_space(args, tmp_path, 0, agent, 1)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {tmp_path} has 2.00 GB free; this run will write about 2.") and "--output-dir" in line
 
 
 def test_real_dmcgb_data_used():
