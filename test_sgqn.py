@@ -2152,6 +2152,22 @@ def test_report_table_and_curves(tmp_path):
     assert not axes[1, 0].get_legend_handles_labels()[1].count("random policy")  # walker: another task
 
 
+def test_report_permutation_test(tmp_path):
+    """The exact one-sided permutation test, by hand: 2 + 2 seeds have 6 relabellings, 3 + 3 have 20; the observed
+    split counts; ties count as at least as extreme. report.py prints it where SG-SAC and SAC have 2 finished seeds."""
+    report = load_benchmark("report")
+    assert report.permutation_p([3, 4], [1, 2]) == pytest.approx(1 / 6)  # only the observed split is as extreme
+    assert report.permutation_p([1, 2], [3, 4]) == 1.0
+    assert report.permutation_p([2, 4], [1, 3]) == pytest.approx(2 / 6)  # {2,4} and {3,4}: differences 1 and 2
+    assert report.permutation_p([5, 6, 7], [1, 2, 3]) == pytest.approx(1 / 20)
+    assert report.permutation_p([1, 1], [1, 1]) == 1.0
+    dirs = [write_run(tmp_path, "cartpole-balance", algo, seed, {"video_hard": {0: 1}}, {"video_hard": (final, 1.0, 10)})
+            for algo, seed, final in (("sgsac", 1, 400.0), ("sgsac", 2, 300.0), ("sac", 1, 200.0), ("sac", 2, 350.0))]
+    lines = report.tables(report.group_runs(dirs), None).splitlines()
+    assert "cartpole-balance (action repeat 8): SG-SAC's mean above SAC's by chance alone in a share p = 0.333 of the " \
+           "relabellings of its 2 + 2 seeds (exact permutation test)" in lines  # 350 vs 275: {400,350} and {400,300}
+
+
 def test_report_rejects_bad_folders(tmp_path):
     report = load_benchmark("report")
     run = write_run(tmp_path / "a", "cartpole", "sac", 1, {"train": {0: 1}})

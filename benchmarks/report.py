@@ -9,12 +9,15 @@ repeat) and algorithm (sgsac, sac, sac-consistency, sac-selfsup, from the run's 
 table per evaluation mode in the layout of the paper's Table 1: a row per task, a column per algorithm, the
 final return as mean +- std over seeds (n = seeds). With a single seed the +- is the std over that run's
 final evaluation episodes, marked "ep". A run without results.json, or extended past it
-(--resume --total-timesteps, still going), counts in the curves only.
+(--resume --total-timesteps, still going), counts in the curves only. Where SG-SAC and SAC both have two finished
+seeds or more on a task, each table adds the exact one-sided permutation test of "SG-SAC's final return is above
+SAC's" over the seeds: its p-value, a share of relabellings, not a verdict.
 --plot draws, per task and mode, the evaluation return against agent steps (simulator frames on the top
 axis): the mean over the group's seeds and the range from the lowest to the highest seed, and the random
 policy's mean as a dashed line when --random gives learning.py's random_policy.json. Needs matplotlib.
 """
 
+import itertools
 import json
 import sys
 from collections import defaultdict
@@ -99,6 +102,16 @@ def random_returns(random, task, mode):
     return random["returns"].get(mode, [])
 
 
+def permutation_p(a, b):
+    """Exact one-sided permutation test of "a's mean is above b's": the share of the ways to split the pooled values
+    into groups of len(a) and len(b) whose difference of means is at least the observed one (1 / C(n, len(a)) at
+    best: 1/6 for 2 seeds each, 1/20 for 3)."""
+    pooled, observed = np.array([*a, *b], float), np.mean(a) - np.mean(b)
+    splits = [np.isin(np.arange(len(pooled)), chosen) for chosen in itertools.combinations(range(len(pooled)), len(a))]
+    diffs = np.array([pooled[s].mean() - pooled[~s].mean() for s in splits])
+    return float(np.mean(diffs >= observed - 1e-9))
+
+
 def tables(groups, random):
     """One table per mode: rows tasks, columns algorithms (and the random policy)."""
     tasks = list(dict.fromkeys(task for task, _ in groups))
@@ -115,6 +128,13 @@ def tables(groups, random):
                 returns = random_returns(random, task, mode)
                 row.append(f"{np.mean(returns):.0f} ± {np.std(returns):.0f} ep ({len(returns)})" if returns else "-")
             lines.append("| " + " | ".join(row) + " |")
+        for task in tasks:  # SG-SAC against SAC over seeds, where each has two finished seeds or more
+            finals = {a: [run["final"][mode][0] for run in groups.get((task, a), []) if run["final"] and mode in run["final"]]
+                      for a in ("sgsac", "sac")}
+            if min(map(len, finals.values())) >= 2:
+                p = permutation_p(finals["sgsac"], finals["sac"])
+                lines.append(f"{task_name(task)}: SG-SAC's mean above SAC's by chance alone in a share p = {p:.3f} of the "
+                             f"relabellings of its {len(finals['sgsac'])} + {len(finals['sac'])} seeds (exact permutation test)")
     unfinished = [run["dir"] for runs in groups.values() for run in runs if not run["final"]]
     if unfinished:
         lines.append(f"\nunfinished (curves only): {', '.join(map(str, unfinished))}")
