@@ -2063,6 +2063,22 @@ def test_sgqn_py_lines_fit_120_columns():
     assert not wide, f"sgqn.py lines wider than 120 columns: {wide}"
 
 
+def test_resume_with_cut_or_missing_replay_files_fails_in_one_line(resumed_runs, tmp_path):
+    """A run folder whose replay files are shorter than its checkpoint says, or missing, is one line on --resume, and
+    the checkpoint stays as it was."""
+    straight, _, _ = resumed_runs
+    cut, missing = tmp_path / "cut", tmp_path / "missing"
+    for run in (cut, missing):
+        shutil.copytree(straight, run)
+    with open(cut / "replay" / "frames.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 3 * 84 * 84)  # one frame short
+    (missing / "replay" / "actions.bin").unlink()
+    results = run_cases([["--resume", str(cut)], ["--resume", str(missing)]], tmp_path, env={"DMCGB_VERIFY": "0"})
+    for (status, stdout, stderr), words in zip(results, (["frames.bin", "shorter than its checkpoint"], ["actions.bin"])):
+        assert_one_line_error(status, stdout, stderr, ["--resume", "does not fit its other files", *words], 1)
+    assert (cut / "checkpoint.pt").read_bytes() == (straight / "checkpoint.pt").read_bytes()
+
+
 def test_free_space_warning_before_the_run(monkeypatch, capsys, tmp_path):
     """At the start, what the run will write (21 kB of replay a step at 84x84 plus two checkpoints) is compared with
     the output folder's free space: one warning line when it does not fit, nothing when it does."""
