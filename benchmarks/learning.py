@@ -1,12 +1,13 @@
 """Does it learn, and does the saliency help on unseen scenes? SG-SAC against plain SAC on a 2-core CPU (not a test).
 
     python benchmarks/learning.py --seed 1 --output-dir runs/learning-seed1
-    python benchmarks/learning.py --seed 1 --data-dir ../shared/dmcgb --reuse-videos   # a partial DMC-GB copy, offline
+    python benchmarks/learning.py --seed 3 --data-dir <DMC-GB data>       # offline, with all the files of its modes
+    python benchmarks/learning.py --seed 1 --data-dir <partial copy> --reuse-videos   # a partial DMC-GB copy
 
 Runs sgqn.py twice at once, one thread each: SG-SAC and plain SAC (--consistency-coef 0 --aux-update-freq 0),
-same seed, same CPU-sized configuration (CONFIG: only size knobs differ from the paper's settings, see the
-README's "Does it learn?"). Both evaluate the deterministic policy at step 0 and every `eval_freq` steps on each
-mode of CONFIG. When SAC is done (it is about 3x faster), the random policy is measured on the same modes, in
+same seed, same CPU-sized configuration (CONFIG: only size knobs differ from the paper's settings; about 4.3 and
+1.8 hours on 2 cores, see README.md's results and docs/notebook.md). Both evaluate the deterministic policy at step 0 and every `eval_freq` steps on each
+mode of CONFIG. When SAC is done (it is faster), the random policy is measured on the same modes, in
 its freed core. At the end report.py prints the table and draws the curves into the output dir.
 
 Outputs in --output-dir (which must be new or empty): the two run folders (names with sgsac and sac), their
