@@ -29,6 +29,9 @@ checked against its git blob id before it is used (a stamp file .verified.json r
 and mtime; DMCGB_VERIFY=0 skips the check, for scenes of your own). ensure_data(modes, root) does this for
 several modes at once and names every missing and corrupt file in one DataError.
 
+overlay_images(folder, n, size, seed) loads the distractors of SGQN's overlay augmentation: photographs from a
+folder (Places365 in the paper) or, without one, procedural images with a natural-image (1/f) spectrum.
+
 env.get_state() and env.set_state(state) save and restore everything an env's future depends on (MuJoCo's
 integration state, the frame stack, the task's, colour and video draws), mid-episode too, so that a run can
 be resumed exactly.
@@ -385,6 +388,51 @@ def load_video(path, size, max_frames):
     if not frames:
         raise ValueError(f"video {path} has no frames")
     return np.stack(frames)
+
+
+# ---- overlay images: the distractors of SGQN's overlay augmentation ----
+
+def overlay_images(folder, n, size, seed):
+    """n images to overlay on observations, (n, 3, size, size) uint8: up to n JPEG/PNG images of `folder` (Places365
+    reproduces the paper), or, without a folder, procedural ones: no download, but not the paper's distractors."""
+    if folder is None:
+        return procedural_images(n, size, torch.Generator().manual_seed(seed))
+    return load_images(folder, n, size, np.random.default_rng(seed))
+
+
+def procedural_images(n, size, generator):
+    """Images whose amplitude spectrum falls as 1/f, like natural photographs, with random colours."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    inv_f = 1 / torch.sqrt(fx**2 + fy**2).clamp(min=1 / size)
+    chunks = []
+    for start in range(0, n, 512):  # bounded memory
+        m = min(512, n - start)
+        noise = torch.randn(m, 3, size, size // 2 + 1, 2, generator=generator)
+        img = torch.fft.irfft2(torch.view_as_complex(noise) * inv_f, s=(size, size))
+        img = torch.einsum("nij,njhw->nihw", torch.rand(m, 3, 3, generator=generator), img)  # colours
+        lo, hi = img.amin((1, 2, 3), keepdim=True), img.amax((1, 2, 3), keepdim=True)
+        chunks.append(((img - lo) / (hi - lo) * 255).to(torch.uint8))
+    return torch.cat(chunks)
+
+
+def load_images(folder, n, size, rng):
+    """Up to n JPEG/PNG images from folder (recursively), centre-cropped and resized (antialiased bilinear)."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise ValueError(f"no JPEG/PNG images in --overlay-dir {folder}; give an image folder or leave it out")
+    images = []
+    for i in rng.permutation(len(paths))[:n]:
+        try:
+            pixels = np.atleast_3d(imageio.imread(paths[i]))
+        except Exception as e:  # truncated or not an image: imageio's message would blame its plugins
+            raise ValueError(f"--overlay-dir: cannot read image {paths[i]} ({type(e).__name__}); remove it") from None
+        pixels = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # RGB(A) or grey(+alpha)
+        img = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).expand(3, -1, -1).float()[None]
+        h, w, side = *img.shape[2:], min(img.shape[2:])  # the centre square
+        img = img[..., (h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+        images.append(F.interpolate(img, size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255))
+    return torch.cat(images).to(torch.uint8)
 
 
 def resolve_data_dir(data_dir=None):

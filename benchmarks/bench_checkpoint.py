@@ -51,7 +51,7 @@ def main(bench):
     agent = sgqn.make_agent(env.observation_shape, env.action_shape[0], args, torch.device("cpu"))
     for step in (1, 2):  # fill the optimisers' state
         batch = (torch.rand(8, 9, 84, 84) * 255, torch.rand(8, 1), torch.rand(8, 1), torch.rand(8, 9, 84, 84) * 255)
-        losses = sgqn.update(agent, batch, step, args, sgqn.procedural_images(8, 84, torch.Generator().manual_seed(0)))
+        losses = sgqn.update(agent, batch, step, args, envs.procedural_images(8, 84, torch.Generator().manual_seed(0)))
     buffer = sgqn.ReplayBuffer(bench.buffer_size, (3, 84, 84), env.action_shape[0], args.frame_stack)
     frame, rng = np.random.default_rng(0).integers(0, 256, (3, 84, 84), dtype=np.uint8), np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=bench.output_dir) as folder:

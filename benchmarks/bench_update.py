@@ -61,7 +61,7 @@ def time_updates(variants, device, batch_size, pairs):
     """Seconds per step, one value per timed pair, of each variant {label: (step function, Args switches)}.
     The variants take turns, pair by pair, so that a change in background load hits them alike; batches are
     laid out as the training loop makes them (random_shift of uint8, then float)."""
-    overlay = sgqn.procedural_images(256, 84, torch.Generator().manual_seed(0)).to(device)
+    overlay = envs.procedural_images(256, 84, torch.Generator().manual_seed(0)).to(device)
     frames = torch.randint(0, 256, (2, batch_size, 9, 84, 84), dtype=torch.uint8, device=device)
     agents = {}
     for label, (_, switches) in variants.items():
@@ -114,7 +114,7 @@ def count_operations(switches, device):
     torch.manual_seed(0)
     args = sgqn.Args(**switches)
     agent = sgqn.make_agent((9, 84, 84), 6, args, device)
-    overlay = sgqn.procedural_images(4, 84, torch.Generator().manual_seed(0)).to(device)
+    overlay = envs.procedural_images(4, 84, torch.Generator().manual_seed(0)).to(device)
     batch = (torch.rand(4, 9, 84, 84, device=device) * 255, torch.rand(4, 6, device=device), torch.rand(4, 1, device=device),
              torch.rand(4, 9, 84, 84, device=device) * 255)
     for step in (1, 2):
@@ -173,8 +173,10 @@ def end_to_end(bench, data_dir, variants):
                              data_dir=str(data_dir), output_dir=out, cuda=bench.cuda, **switches)
             with contextlib.redirect_stdout(io.StringIO()):
                 run_dir = sgqn.main(args)
-            last = [row for row in map(json.loads, open(run_dir / "metrics.jsonl")) if "sps" in row][-1]
-        print(f"  {label:<26}{last['sps']:9.2f} agent steps/s (training)   evaluation {100 * last['eval_share']:.0f}% of the run's time")
+            rows = list(map(json.loads, open(run_dir / "metrics.jsonl")))
+            last = [row for row in rows if "sps" in row][-1]
+            eval_hours = sum(row["eval_seconds"] for row in rows if "eval_seconds" in row) / 3600
+        print(f"  {label:<26}{last['sps']:9.2f} agent steps/s (training)   evaluation {100 * eval_hours / last['elapsed_hours']:.0f}% of the run's time")
 
 
 if __name__ == "__main__":

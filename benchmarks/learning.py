@@ -6,12 +6,15 @@
 
 Runs sgqn.py twice at once, one thread each: SG-SAC and plain SAC (--consistency-coef 0 --aux-update-freq 0),
 same seed, same CPU-sized configuration (CONFIG: only size knobs differ from the paper's settings; about 4.3 and
-1.8 hours on 2 cores, see README.md's results and docs/notebook.md). Both evaluate the deterministic policy at step 0 and every `eval_freq` steps on each
-mode of CONFIG. When SAC is done (it is faster), the random policy is measured on the same modes, in
-its freed core. At the end report.py prints the table and draws the curves into the output dir.
+1.8 hours on 2 cores, see README.md's results and docs/notebook.md). Both evaluate the deterministic policy at step
+0 and every `eval_freq` steps on each mode of CONFIG. When a run is done, its final checkpoint is evaluated
+(sgqn.py --eval-only, final-eval-episodes episodes) on every other DMC-GB mode whose data files are all there (or
+can be downloaded), into evals/; when SAC is done (it is faster), the random policy is measured on all those modes
+in its freed core. At the end report.py prints the table (the --eval-only results in their run's rows) and draws
+the curves into the output dir.
 
 Outputs in --output-dir (which must be new or empty): the two run folders (names with sgsac and sac), their
-logs sgsac.log and sac.log, random_policy.json, learning.png. Ctrl-C stops both runs at their next safe
+logs sgsac.log and sac.log, evals/ and the logs <algorithm>_final_modes.log, random_policy.json, learning.png. Ctrl-C stops both runs at their next safe
 point with a checkpoint and prints the commands that resume them (then run report.py over them).
 Needs matplotlib for the picture: pip install -r benchmarks/requirements.txt (only the benchmarks use it).
 """
@@ -91,11 +94,19 @@ def override(config, tokens):
     return config, extra
 
 
-def random_policy(config, seed, data_dir, episodes):
-    """Returns of uniformly random actions in each eval mode's env, seeded as sgqn.py seeds its test envs.
+def final_modes(config, data_dir):
+    """The DMC-GB modes the runs do not evaluate periodically whose data files are all in data_dir, or all of them
+    where sgqn.py may download (no --data-dir): each run's final checkpoint is evaluated on them at the end."""
+    root, download = envs.resolve_data_dir(data_dir), data_dir is None and os.environ.get("DMCGB_DOWNLOAD") != "0"
+    return [mode for mode in envs.MODES if mode not in config["eval-modes"]
+            and (download or all((root / name).is_file() for name in envs.required_files(mode)))]
+
+
+def random_policy(config, modes, seed, data_dir, episodes):
+    """Returns of uniformly random actions in each mode's env, seeded as sgqn.py seeds its test envs.
     A random policy does not look, so every mode gives the same returns: the physics' level."""
     returns = {}
-    for mode in config["eval-modes"]:
+    for mode in modes:
         env = envs.make_env(config["env-id"], seed + 42, mode, int(config["action-repeat"]), data_dir=data_dir)
         rng = np.random.default_rng(seed)
         returns[mode] = []
@@ -115,7 +126,9 @@ def run_dirs(out):
 
 def report_command(out):
     random = ["--random", str(out / "random_policy.json")] if (out / "random_policy.json").exists() else []
-    return [sys.executable, str(ROOT / "benchmarks" / "report.py"), *run_dirs(out), *random, "--plot", str(out / "learning.png")]
+    evals = run_dirs(out / "evals") if (out / "evals").is_dir() else []
+    return [sys.executable, str(ROOT / "benchmarks" / "report.py"), *run_dirs(out), *evals, *random, "--plot",
+            str(out / "learning.png")]
 
 
 def main(bench):
@@ -138,7 +151,20 @@ def main(bench):
     # re-requests the big activations every update, which adds seconds of noise
     child_env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    extra = final_modes(config, data_dir)
     print(f"SG-SAC and SAC, seed {bench.seed}, one thread each: sgqn.py {' '.join(common)}")
+    print(f"then each final checkpoint on {' '.join(extra) or 'no other mode (their data is incomplete)'}")
+
+    def evaluate_final(label):  # the run's final checkpoint on the other modes, in this process's time
+        if not extra:
+            return 0
+        (run_dir,) = [d for d in run_dirs(out) if Path(d).name.split("__")[1] == label]
+        command = [sys.executable, str(ROOT / "sgqn.py"), "--checkpoint", str(Path(run_dir) / "checkpoint.pt"),
+                   "--eval-only", "--eval-modes", *extra, "--final-eval-episodes", str(config["final-eval-episodes"]),
+                   "--output-dir", str(out / "evals"), *(["--data-dir", data_dir] if data_dir else [])]
+        with open(out / f"{label}_final_modes.log", "w") as log:
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env).returncode
+
     start = time.time()
     runs = {}
     for label, switches in (("sgsac", []), ("sac", PLAIN_SAC)):
@@ -153,13 +179,16 @@ def main(bench):
     signal.signal(signal.SIGTERM, pass_on)
     try:
         status = {"sac": runs["sac"].wait()}
-        print(f"SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sac']}); measuring the random policy")
+        print(f"SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sac']}); its final checkpoint on "
+              "the other modes, then the random policy")
+        status["sac final modes"] = evaluate_final("sac") if status["sac"] == 0 else 0
         episodes = int(config["final-eval-episodes"])
-        returns = random_policy(config, bench.seed, data_dir, episodes)
+        returns = random_policy(config, [*config["eval-modes"], *extra], bench.seed, data_dir, episodes)
         (out / "random_policy.json").write_text(json.dumps(dict(env_id=config["env-id"], action_repeat=int(config["action-repeat"]),
                                                                 seed=bench.seed, returns=returns), indent=1))
         status["sgsac"] = runs["sgsac"].wait()
         print(f"SG-SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sgsac']})")
+        status["sgsac final modes"] = evaluate_final("sgsac") if status["sgsac"] == 0 else 0
     except KeyboardInterrupt:  # the runs checkpoint and stop
         for run in runs.values():
             run.wait()
@@ -167,7 +196,8 @@ def main(bench):
         resume = "; ".join(f"{unverified}python sgqn.py --resume {run_dir}" for run_dir in run_dirs(out))
         sys.exit(f"interrupted: continue with {resume}; then python {' '.join(report_command(out)[1:])}")
     if any(status.values()):
-        sys.exit(f"error: a run failed, see the end of {out}/sgsac.log and {out}/sac.log")
+        failed = [name for name, code in status.items() if code]
+        sys.exit(f"error: {', '.join(failed)} failed, see the end of the logs in {out}")
     sys.exit(subprocess.run(report_command(out)).returncode)
 
 

@@ -23,13 +23,9 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import tyro
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sgqn  # noqa: E402  (the algorithm names of run folders)
 
 ALGORITHMS = ("sgsac", "sac", "sac-consistency", "sac-selfsup")  # the column order
 LABELS = {"sgsac": "SG-SAC", "sac": "SAC", "sac-consistency": "SAC + consistency", "sac-selfsup": "SAC + self-supervised"}
@@ -61,7 +57,10 @@ def read_run(run_dir):
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
     if results and results["step"] >= args["total_timesteps"]:  # (a run extended with --resume is unfinished again)
         final = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results["results"].items()}
-    return (args["env_id"], args["action_repeat"]), sgqn.algorithm(SimpleNamespace(**args)), args["seed"], dict(curves), final
+    algorithm = (run_dir.name.split("__") + [""])[1]  # sgqn.py names its run folders <env>__<algorithm>__...
+    if algorithm not in ALGORITHMS:
+        sys.exit(f"error: {run_dir} is not named as sgqn.py names run folders (<env>__<algorithm>__...); keep its name")
+    return (args["env_id"], args["action_repeat"]), algorithm, args["seed"], dict(curves), final
 
 
 def task_name(task):
@@ -69,17 +68,28 @@ def task_name(task):
 
 
 def group_runs(run_dirs):
-    """{(task, algorithm): [run, ...]} in the order tasks first appear; one seed twice is an error."""
-    groups = defaultdict(list)
+    """{(task, algorithm): [run, ...]} in the order tasks first appear; one seed twice is an error. The results of an
+    --eval-only folder (sgqn.py --checkpoint <run>/checkpoint.pt --eval-only) join its run's final results, for the
+    modes that run did not evaluate itself, when that run is given and finished."""
+    groups, evaluations = defaultdict(list), []
     for run_dir in run_dirs:
         results = Path(run_dir) / "results.json"
-        if not (Path(run_dir) / "args.json").exists() and results.is_file() and "checkpoint" in json.loads(results.read_text()):
-            print(f"skipped {run_dir}: an --eval-only evaluation of {json.loads(results.read_text())['checkpoint']}")
+        if not (Path(run_dir) / "args.json").exists() and results.is_file() and json.loads(results.read_text()).get("checkpoint"):
+            evaluations.append((run_dir, json.loads(results.read_text())))
             continue
         task, algo, seed, curves, final = read_run(run_dir)
         if any(run["seed"] == seed for run in groups[task, algo]):
             sys.exit(f"error: two {algo} runs of {task_name(task)} with seed {seed} (one is {run_dir}); give each seed once")
         groups[task, algo].append(dict(dir=run_dir, seed=seed, curves=curves, final=final))
+    runs = {Path(run["dir"]).resolve(): run for group in groups.values() for run in group}
+    for eval_dir, results in evaluations:
+        run = runs.get(Path(results["checkpoint"]).resolve().parent)
+        if run is None or run["final"] is None or results["step"] != max((s for c in run["curves"].values() for s, _ in c), default=None):
+            print(f"skipped {eval_dir}: an --eval-only evaluation of {results['checkpoint']}, not of a finished run given here")
+            continue
+        added = {mode: (r["mean"], r["std"], r["episodes"]) for mode, r in results["results"].items() if mode not in run["final"]}
+        run["final"].update(added)
+        print(f"{eval_dir}: {' '.join(added) or 'no new mode'} added to {run['dir']}")
     return groups
 
 
