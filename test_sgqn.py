@@ -2190,6 +2190,26 @@ def test_report_rejects_bad_folders(tmp_path):
         assert words in str(e.value) and str(e.value).startswith("error: ")
 
 
+def test_learning_final_modes_are_those_with_complete_data(tmp_path, monkeypatch):
+    """The modes learning.py evaluates at the end beside CONFIG's: those whose every file is in --data-dir (6 of 10
+    video_easy videos is not enough), or every mode when sgqn.py may download them."""
+    learning = load_benchmark("learning")
+    config = dict(learning.CONFIG, **{"eval-modes": ["train", "video_hard"]})
+    (tmp_path / "color_easy.pt").write_bytes(b"x")
+    (tmp_path / "color_hard.pt").write_bytes(b"x")
+    (tmp_path / "video_easy").mkdir()
+    for i in range(6):
+        (tmp_path / "video_easy" / f"video{i}.mp4").write_bytes(b"x")
+    assert learning.final_modes(config, str(tmp_path)) == ["color_easy", "color_hard"]
+    (tmp_path / "color_hard.pt").unlink()
+    assert learning.final_modes(config, str(tmp_path)) == ["color_easy"]
+    monkeypatch.delenv("DMCGB_DOWNLOAD", raising=False)
+    assert learning.final_modes(config, None) == ["color_easy", "color_hard", "video_easy"]
+    monkeypatch.setenv("DMCGB_DOWNLOAD", "0")
+    monkeypatch.setenv("DMCGB_DATA_DIR", str(tmp_path))
+    assert learning.final_modes(config, None) == ["color_easy"]
+
+
 def test_learning_benchmark_end_to_end(tmp_path, e2e_data_dir):
     """benchmarks/learning.py for a few steps: both runs (one thread each), evaluations from step 0, each final
     checkpoint on the other modes (--eval-only, their results in the table), the random policy on every mode, the

@@ -151,16 +151,16 @@ def main(bench):
     # re-requests the big activations every update, which adds seconds of noise
     child_env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    extra = final_modes(config, data_dir)
+    other_modes = final_modes(config, data_dir)
     print(f"SG-SAC and SAC, seed {bench.seed}, one thread each: sgqn.py {' '.join(common)}")
-    print(f"then each final checkpoint on {' '.join(extra) or 'no other mode (their data is incomplete)'}")
+    print(f"then each final checkpoint on {' '.join(other_modes) or 'no other mode (their data is incomplete)'}")
 
     def evaluate_final(label):  # the run's final checkpoint on the other modes, in this process's time
-        if not extra:
+        if not other_modes:
             return 0
         (run_dir,) = [d for d in run_dirs(out) if Path(d).name.split("__")[1] == label]
         command = [sys.executable, str(ROOT / "sgqn.py"), "--checkpoint", str(Path(run_dir) / "checkpoint.pt"),
-                   "--eval-only", "--eval-modes", *extra, "--final-eval-episodes", str(config["final-eval-episodes"]),
+                   "--eval-only", "--eval-modes", *other_modes, "--final-eval-episodes", str(config["final-eval-episodes"]),
                    "--output-dir", str(out / "evals"), *(["--data-dir", data_dir] if data_dir else [])]
         with open(out / f"{label}_final_modes.log", "w") as log:
             return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env).returncode
@@ -183,7 +183,7 @@ def main(bench):
               "the other modes, then the random policy")
         status["sac final modes"] = evaluate_final("sac") if status["sac"] == 0 else 0
         episodes = int(config["final-eval-episodes"])
-        returns = random_policy(config, [*config["eval-modes"], *extra], bench.seed, data_dir, episodes)
+        returns = random_policy(config, [*config["eval-modes"], *other_modes], bench.seed, data_dir, episodes)
         (out / "random_policy.json").write_text(json.dumps(dict(env_id=config["env-id"], action_repeat=int(config["action-repeat"]),
                                                                 seed=bench.seed, returns=returns), indent=1))
         status["sgsac"] = runs["sgsac"].wait()
