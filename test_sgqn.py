@@ -1539,8 +1539,9 @@ def metric_rows(run_dir):
 
 
 def readme_commands(prefix):
-    """Every command line of README.md's code blocks that starts with `prefix`."""
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """Every command line of the code blocks of README.md (and docs/sweep.md, which it links) that starts with `prefix`."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "sweep.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line.startswith(prefix)]
 
