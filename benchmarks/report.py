@@ -70,7 +70,7 @@ def task_name(task):
 def group_runs(run_dirs):
     """{(task, algorithm): [run, ...]} in the order tasks first appear; one seed twice is an error. The results of an
     --eval-only folder (sgqn.py --checkpoint <run>/checkpoint.pt --eval-only) join its run's final results, for the
-    modes that run did not evaluate itself, when that run is given and finished."""
+    modes that run did not evaluate itself, when a run folder of that name is given and finished."""
     groups, evaluations = defaultdict(list), []
     for run_dir in run_dirs:
         results = Path(run_dir) / "results.json"
@@ -81,9 +81,9 @@ def group_runs(run_dirs):
         if any(run["seed"] == seed for run in groups[task, algo]):
             sys.exit(f"error: two {algo} runs of {task_name(task)} with seed {seed} (one is {run_dir}); give each seed once")
         groups[task, algo].append(dict(dir=run_dir, seed=seed, curves=curves, final=final))
-    runs = {Path(run["dir"]).resolve(): run for group in groups.values() for run in group}
+    runs = {Path(run["dir"]).name: run for group in groups.values() for run in group}  # names are unique (a timestamp)
     for eval_dir, results in evaluations:
-        run = runs.get(Path(results["checkpoint"]).resolve().parent)
+        run = runs.get(Path(results["checkpoint"]).parent.name)  # by name: run folders may move (copies, archives)
         if run is None or run["final"] is None or results["step"] != max((s for c in run["curves"].values() for s, _ in c), default=None):
             print(f"skipped {eval_dir}: an --eval-only evaluation of {results['checkpoint']}, not of a finished run given here")
             continue
