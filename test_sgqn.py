@@ -2247,6 +2247,25 @@ def test_learning_benchmark_end_to_end(tmp_path, e2e_data_dir):
         learning.main(tyro.cli(learning.Bench, args=command[2:]))
     assert str(again.value).startswith("error: ") and "not empty" in str(again.value) and "\n" not in str(again.value)
 
+    # interrupted amid SAC's final evaluation, before the other steps: --resume does only what is left
+    (runs["sac"] / "results.json").unlink()
+    (tmp_path / "out" / "random_policy.json").unlink()
+    shutil.rmtree(next(d for d in (tmp_path / "out" / "evals").iterdir() if runs["sac"].name in d.name))
+    sgsac_rows = (runs["sgsac"] / "metrics.jsonl").read_bytes()
+    resumed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--resume", "--output-dir",
+                              str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert json.loads((runs["sac"] / "results.json").read_text())["step"] == 6
+    assert (runs["sgsac"] / "metrics.jsonl").read_bytes() == sgsac_rows  # the finished run is left alone
+    evaluated = sorted(Path(json.loads((d / "results.json").read_text())["checkpoint"]).parent.name
+                       for d in (tmp_path / "out" / "evals").iterdir())
+    assert evaluated == sorted(d.name for d in runs.values())
+    assert json.loads((tmp_path / "out" / "random_policy.json").read_text()) == random  # same seed, same returns
+    assert resumed.stdout.split("\n\nvideo_hard: final return")[1] == out.stdout.split("\n\nvideo_hard: final return")[1]
+    with pytest.raises(SystemExit) as nothing:
+        learning.main(tyro.cli(learning.Bench, args=["--resume", "--output-dir", str(tmp_path / "none")]))
+    assert str(nothing.value).startswith("error: --resume: ") and "\n" not in str(nothing.value)
+
 
 def test_probe_critic_reads_the_replay_read_only(resumed_runs, tmp_path, capsys):
     """benchmarks/probe_critic.py: its view of a run's replay files is the buffer that --resume loads (here a ring

@@ -15,7 +15,8 @@ the curves into the output dir.
 
 Outputs in --output-dir (which must be new or empty): the two run folders (names with sgsac and sac), their
 logs sgsac.log and sac.log, evals/ and the logs <algorithm>_final_modes.log, random_policy.json, learning.png. Ctrl-C stops both runs at their next safe
-point with a checkpoint and prints the commands that resume them (then run report.py over them).
+point with a checkpoint; the same command with --resume continues: the runs from their checkpoints, then the
+evaluations, random policy and report still to do (python benchmarks/learning.py --seed 1 --resume).
 Needs matplotlib for the picture: pip install -r benchmarks/requirements.txt (only the benchmarks use it).
 """
 
@@ -71,6 +72,9 @@ class Bench:
     cyclically, so video modes test on those videos only"""
     sgqn_flags: str = ""
     """more sgqn.py flags for both runs, replacing CONFIG's of the same name (--sgqn-flags="--total-timesteps 8")"""
+    resume: bool = False
+    """continue the interrupted benchmark in --output-dir: its unfinished runs, then the steps still to do (the runs'
+    own args.json give the configuration; the other flags are ignored)"""
 
 
 def flags(config):
@@ -124,17 +128,25 @@ def run_dirs(out):
     return sorted(str(p) for p in out.iterdir() if p.is_dir() and "__" in p.name)
 
 
+def finished_evals(out):
+    """The --eval-only folders in out/evals that wrote their results (an interrupted one did not)."""
+    return [d for d in run_dirs(out / "evals") if (Path(d) / "results.json").is_file()] if (out / "evals").is_dir() else []
+
+
 def report_command(out):
     random = ["--random", str(out / "random_policy.json")] if (out / "random_policy.json").exists() else []
-    evals = run_dirs(out / "evals") if (out / "evals").is_dir() else []
+    evals = finished_evals(out)
     return [sys.executable, str(ROOT / "benchmarks" / "report.py"), *run_dirs(out), *evals, *random, "--plot",
             str(out / "learning.png")]
 
 
 def main(bench):
     out = Path(bench.output_dir or f"runs/learning-seed{bench.seed}").resolve()
+    if bench.resume:
+        return resume(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        sys.exit(f"error: --output-dir {out} is not empty; give a new folder (a benchmark never overwrites another)")
+        sys.exit(f"error: --output-dir {out} is not empty; give a new folder (a benchmark never overwrites another), "
+                 "or add --resume to continue the benchmark in it")
     config, extra = override(CONFIG, shlex.split(bench.sgqn_flags))
     out.mkdir(parents=True, exist_ok=True)
     data_dir = bench.data_dir
@@ -147,29 +159,50 @@ def main(bench):
             sys.exit(f"error: --reuse-videos: {e}; give --data-dir a DMC-GB copy with the colour tables and a video per mode")
         print(f"NOTE: video modes use only the videos in {source}, reused cyclically ({data_dir})")
     common = [*flags(config), "--seed", str(bench.seed), "--output-dir", str(out), *(["--data-dir", data_dir] if data_dir else []), *extra]
+    print(f"SG-SAC and SAC, seed {bench.seed}, one thread each: sgqn.py {' '.join(common)}")
+    finish(out, config, data_dir, bench.seed, {"sgsac": common, "sac": [*common, *PLAIN_SAC]})
+
+
+def resume(out):
+    """Continue an interrupted benchmark in out, in the configuration its runs were started with."""
+    found = {Path(d).name.split("__")[1]: Path(d) for d in run_dirs(out)} if out.is_dir() else {}
+    if set(found) != {"sgsac", "sac"} or len(run_dirs(out)) != 2:
+        sys.exit(f"error: --resume: {out} does not hold one sgsac and one sac run of learning.py; give its --output-dir "
+                 "(or --seed)")
+    args = json.loads((found["sgsac"] / "args.json").read_text())
+    config = {name: args[name.replace("-", "_")] for name in CONFIG}
+    if (out / "dmcgb").is_dir():  # --reuse-videos: its reused videos are not DMC-GB's files
+        os.environ["DMCGB_VERIFY"] = "0"
+    print(f"resuming the benchmark in {out}")
+    runs = {label: ["--resume", str(run_dir)] for label, run_dir in found.items() if not (run_dir / "results.json").is_file()}
+    finish(out, config, args["data_dir"], args["seed"], runs)
+
+
+def finish(out, config, data_dir, seed, to_run):
+    """Run sgqn.py with each label's flags in to_run (side by side), evaluate each finished run's final checkpoint on
+    the other modes, measure the random policy (each step not yet done in out), then print the report."""
     # one thread each (two multi-threaded runs on 2 cores thrash); glibc's allocator otherwise returns and
     # re-requests the big activations every update, which adds seconds of noise
     child_env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", **os.environ,
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     other_modes = final_modes(config, data_dir)
-    print(f"SG-SAC and SAC, seed {bench.seed}, one thread each: sgqn.py {' '.join(common)}")
     print(f"then each final checkpoint on {' '.join(other_modes) or 'no other mode (their data is incomplete)'}")
 
     def evaluate_final(label):  # the run's final checkpoint on the other modes, in this process's time
-        if not other_modes:
-            return 0
         (run_dir,) = [d for d in run_dirs(out) if Path(d).name.split("__")[1] == label]
+        if not other_modes or any(Path(json.loads((Path(d) / "results.json").read_text())["checkpoint"]).parent.name
+                                  == Path(run_dir).name for d in finished_evals(out)):
+            return 0
         command = [sys.executable, str(ROOT / "sgqn.py"), "--checkpoint", str(Path(run_dir) / "checkpoint.pt"),
                    "--eval-only", "--eval-modes", *other_modes, "--final-eval-episodes", str(config["final-eval-episodes"]),
                    "--output-dir", str(out / "evals"), *(["--data-dir", data_dir] if data_dir else [])]
-        with open(out / f"{label}_final_modes.log", "w") as log:
+        with open(out / f"{label}_final_modes.log", "a") as log:
             return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env).returncode
 
-    start = time.time()
-    runs = {}
-    for label, switches in (("sgsac", []), ("sac", PLAIN_SAC)):
-        log = open(out / f"{label}.log", "w")
-        runs[label] = subprocess.Popen([sys.executable, str(ROOT / "sgqn.py"), *common, *switches], stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    start, runs = time.time(), {}
+    for label, sgqn_flags in to_run.items():
+        log = open(out / f"{label}.log", "a")
+        runs[label] = subprocess.Popen([sys.executable, str(ROOT / "sgqn.py"), *sgqn_flags], stdout=log, stderr=subprocess.STDOUT, env=child_env)
 
     def pass_on(signum, frame):  # a scheduler's SIGTERM reaches only this process (a Ctrl-C reaches the runs too)
         for run in runs.values():
@@ -178,23 +211,22 @@ def main(bench):
 
     signal.signal(signal.SIGTERM, pass_on)
     try:
-        status = {"sac": runs["sac"].wait()}
+        status = {"sac": runs["sac"].wait() if "sac" in runs else 0}
         print(f"SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sac']}); its final checkpoint on "
               "the other modes, then the random policy")
         status["sac final modes"] = evaluate_final("sac") if status["sac"] == 0 else 0
         episodes = int(config["final-eval-episodes"])
-        returns = random_policy(config, [*config["eval-modes"], *other_modes], bench.seed, data_dir, episodes)
-        (out / "random_policy.json").write_text(json.dumps(dict(env_id=config["env-id"], action_repeat=int(config["action-repeat"]),
-                                                                seed=bench.seed, returns=returns), indent=1))
-        status["sgsac"] = runs["sgsac"].wait()
+        if not (out / "random_policy.json").is_file():
+            returns = random_policy(config, [*config["eval-modes"], *other_modes], seed, data_dir, episodes)
+            (out / "random_policy.json").write_text(json.dumps(dict(env_id=config["env-id"], action_repeat=int(config["action-repeat"]),
+                                                                    seed=seed, returns=returns), indent=1))
+        status["sgsac"] = runs["sgsac"].wait() if "sgsac" in runs else 0
         print(f"SG-SAC done in {(time.time() - start) / 60:.0f} min (exit status {status['sgsac']})")
         status["sgsac final modes"] = evaluate_final("sgsac") if status["sgsac"] == 0 else 0
     except KeyboardInterrupt:  # the runs checkpoint and stop
         for run in runs.values():
             run.wait()
-        unverified = "DMCGB_VERIFY=0 " if bench.reuse_videos else ""  # the reused videos are not DMC-GB's files
-        resume = "; ".join(f"{unverified}python sgqn.py --resume {run_dir}" for run_dir in run_dirs(out))
-        sys.exit(f"interrupted: continue with {resume}; then python {' '.join(report_command(out)[1:])}")
+        sys.exit(f"interrupted: continue with python benchmarks/learning.py --resume --output-dir {out}")
     if any(status.values()):
         failed = [name for name, code in status.items() if code]
         sys.exit(f"error: {', '.join(failed)} failed, see the end of the logs in {out}")
