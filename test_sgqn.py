@@ -2335,3 +2335,20 @@ def test_probe_scenes_pairs_the_same_states(resumed_runs, e2e_data_dir, capsys):
     with pytest.raises(SystemExit) as e:
         probe_scenes.main(probe_scenes.Probe(run_dirs=(str(straight),), episodes=0))
     assert str(e.value) == "error: --episodes must be at least 1, got 0"
+
+
+def test_readme_results_table_is_what_report_computes_from_the_logs():
+    """The README's results table (SG-SAC, SAC and p per mode) is report.py's output over the runs' logs in docs/runs
+    (args.json, metrics.jsonl and results.json of each run and --eval-only evaluation, as learning.py left them)."""
+    folders = [str(p) for seed in sorted((ROOT / "docs" / "runs").iterdir()) for p in [*sorted(seed.glob("*__*")),
+                                                                                        *sorted(seed.glob("evals/*"))]]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), *folders], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = re.findall(r"^\| (train|color_easy|color_hard|video_hard) \| ([^|]+) \| ([^|]+) \| ([\d.]+) \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    assert [row[0] for row in rows] == ["train", "color_easy", "color_hard", "video_hard"]
+    for mode, sgsac, sac, p in rows:
+        table = out.stdout.split(f"\n{mode}: final return")[1].split("\n\n")[0]
+        assert f"| {sgsac.strip()} | {sac.strip()} |" in table, (mode, table)
+        assert float(p) == round(float(re.search(r"p = ([\d.]+)", table).group(1)), 2), (mode, table)
