@@ -1996,7 +1996,7 @@ SIGNALLED = ("--env-id cartpole --total-timesteps 60 --learning-starts 24 --batc
 
 
 def test_signals_through_the_real_script(resumed_runs, tmp_path, e2e_data_dir):
-    """SIGTERM checkpoints and exits 143; a second Ctrl-C stops at once and keeps the previous checkpoint whole;
+    """SIGTERM checkpoints and exits 143; a second signal after Ctrl-C stops at once and keeps the previous checkpoint whole;
     Ctrl-C during --eval-only exits 130 with one line. Each signal lands amid the catch-up (or the evaluation)."""
     straight, _, _ = resumed_runs
     args = [*SIGNALLED.split(), "--data-dir", str(e2e_data_dir)]
@@ -2008,9 +2008,8 @@ def test_signals_through_the_real_script(resumed_runs, tmp_path, e2e_data_dir):
             if "24 catch-up updates" in line:
                 break
     term.send_signal(signal.SIGTERM)
-    twice.send_signal(signal.SIGINT)
-    time.sleep(0.05)  # two signals at once would reach Python's handler as one
-    twice.send_signal(signal.SIGINT)
+    twice.send_signal(signal.SIGINT)  # then a second signal at once: Python handles SIGINT before SIGTERM even when
+    twice.send_signal(signal.SIGTERM)  # both land in one long torch call (two SIGINTs there would count as one)
     while not (tmp_path / "eval").exists() and evaluating.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)  # into the episodes
