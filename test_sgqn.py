@@ -2351,3 +2351,22 @@ def test_readme_results_table_is_what_report_computes_from_the_logs():
         table = out.stdout.split(f"\n{mode}: final return")[1].split("\n\n")[0]
         assert f"| {sgsac.strip()} | {sac.strip()} |" in table, (mode, table)
         assert float(p) == round(float(re.search(r"p = ([\d.]+)", table).group(1)), 2), (mode, table)
+
+
+def test_saliency_figure_takes_each_runs_newest_frame(tmp_path):
+    """benchmarks/saliency_figure.py: from an older run's picture (a row per frame) and a current one (the newest frame
+    only) it takes the newest frame's row; a folder without a SAC and an SG-SAC picture is a one-line error."""
+    figure = load_benchmark("saliency_figure")
+    rows = np.concatenate([np.full((168, 672, 3), value, np.uint8) for value in (10, 20, 30)])  # frames oldest..newest
+    assert (figure.newest_frame_row(rows) == 30).all() and figure.newest_frame_row(rows[-168:]).shape == (168, 672, 3)
+    for seed in (1, 2):
+        for name in (f"cartpole-balance__sac__seed{seed}__t", f"cartpole-balance__sgsac__rho0.98__seed{seed}__t"):
+            (tmp_path / f"s{seed}" / name).mkdir(parents=True)
+            iio.imwrite(tmp_path / f"s{seed}" / name / "saliency_video_hard.png", rows if seed == 1 else rows[-168:])
+    out = tmp_path / "figure.png"
+    figure.main(figure.Figure(folders=(str(tmp_path / "s1"), str(tmp_path / "s2")), out=str(out)))
+    assert iio.imread(out).ndim == 3
+    (tmp_path / "s3").mkdir()
+    with pytest.raises(SystemExit) as error:
+        figure.main(figure.Figure(folders=(str(tmp_path / "s3"),), out=str(out)))
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
